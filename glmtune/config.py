@@ -1,0 +1,274 @@
+"""Typed options for every command, read from a YAML/JSON file plus command-line overrides.
+
+One flat namespace of keys (``max_steps``), grouped into dataclasses by layer for readability. The
+same key can be given in a config file (``max_steps: 50``), as a flag (``--max-steps 50`` or
+``--max_steps 50``) or as ``max_steps=50``; later sources win: defaults < file < command line.
+Unknown keys are errors that name the closest valid key.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glmtune.errors import GlmtuneError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+           maximum: float | None = None, above: float | None = None) -> Any:
+    """A dataclass field that documents itself and knows its valid range."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelOptions:
+    model: str = option(DEFAULT_MODEL, "Local checkpoint folder, or the alias smollm2-135m (the embedded default model).")
+    template: str = option("auto", "Prompt format: auto (the family's format, else the tokenizer's chat template, "
+                           "else plain), chat (the tokenizer's chat template), plain (prompt then answer).",
+                           choices=("auto", "chat", "plain"))
+    dtype: str = option("auto", "Weight dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it, else float16.",
+                        choices=("auto", "float32", "float16", "bfloat16"))
+
+
+@dataclass
+class DataOptions:
+    train_file: str | None = option(None, "Training data, JSON or JSONL (context/target, instruction/input/output, "
+                                    "history, conversations/messages, or columns named by prompt_column/response_column).")
+    dev_file: str | None = option(None, "Development data in the same formats; evaluated for eval loss and the best adapter.")
+    prompt_column: str | None = option(None, "Read the prompt from this column (e.g. ADGEN's content).")
+    response_column: str | None = option(None, "Read the answer from this column (e.g. ADGEN's summary).")
+    max_source_length: int | None = option(None, "Longest prompt in tokens (as in the ChatGLM tutorials); longer prompts are cut and counted.", minimum=1)
+    max_target_length: int | None = option(None, "Longest answer in tokens, its end token included; longer answers are cut and counted.", minimum=2)
+    cutoff_len: int = option(1024, "Longest whole sample in tokens; prompt and answer share it when both are long.", minimum=2)
+    max_train_samples: int | None = option(None, "Use only the first N training samples.", minimum=1)
+    max_eval_samples: int | None = option(None, "Use only the first N dev samples.", minimum=1)
+    group_by_length: bool = option(True, "Batch samples of similar length together so less compute goes to padding.")
+
+
+@dataclass
+class MethodOptions:
+    method: str = option("lora", "Fine-tuning method.", choices=("lora",))
+    lora_rank: int = option(8, "LoRA rank r.", minimum=1)
+    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank.", above=0)
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.99)
+    lora_target: str = option("auto", "Modules to adapt: auto (the family's default), all-linear, or comma-separated names.")
+
+
+@dataclass
+class TrainingOptions:
+    output_dir: str | None = option(None, "Where the run is written; default runs/train-<date>-<time>.")
+    overwrite: bool = option(False, "Replace the results of an earlier run in output_dir.")
+    resume: bool = option(False, "Continue from the newest checkpoint in output_dir.")
+    num_train_epochs: float = option(3.0, "Epochs to train (ignored when max_steps is set).", above=0)
+    max_steps: int | None = option(None, "Optimizer steps to train; overrides num_train_epochs.", minimum=1)
+    batch_size: int = option(4, "Training samples per device per step.", minimum=1)
+    eval_batch_size: int = option(8, "Samples per device per evaluation step.", minimum=1)
+    gradient_accumulation_steps: int = option(1, "Batches accumulated into one optimizer step.", minimum=1)
+    learning_rate: float = option(2e-4, "Peak learning rate of AdamW.", above=0)
+    lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
+    warmup_ratio: float = option(0.0, "Fraction of the steps spent warming the learning rate up from 0.", minimum=0, maximum=1)
+    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0)
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 turns clipping off).", minimum=0)
+    seed: int = option(42, "Random seed for initialisation, shuffling and dropout.")
+    logging_steps: int = option(10, "Log loss, learning rate and speed every N steps.", minimum=1)
+    eval_steps: int = option(0, "Evaluate on dev_file every N steps (0: only at the end of each epoch).", minimum=0)
+    eval_each_epoch: bool = option(True, "Evaluate on dev_file at the end of each epoch.")
+    eval_on_start: bool = option(False, "Evaluate on dev_file once before training (the untrained baseline, logged at step 0).")
+    save_steps: int = option(200, "Write a resumable checkpoint every N steps (one is also written at the end).", minimum=1)
+    save_total_limit: int = option(2, "Keep at most this many checkpoints.", minimum=1)
+    precision: str = option("auto", "auto: fp32 on CPU, bf16 (else fp16) mixed precision on GPU.",
+                            choices=("auto", "fp32", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory (about a third more compute).")
+    dataloader_num_workers: int = option(0, "Worker processes for batching.", minimum=0)
+    report_to: str = option("none", "Extra logging backends for the Trainer (none, tensorboard, wandb, ...).")
+
+
+@dataclass
+class TrainConfig(ModelOptions, DataOptions, MethodOptions, TrainingOptions):
+    """Everything `glmtune train` reads."""
+
+
+def section_of(cls: type) -> list[tuple[str, list[dataclasses.Field]]]:
+    """The option groups of a config class in documentation order: (section name, fields)."""
+    groups = [c for c in (ModelOptions, DataOptions, MethodOptions, TrainingOptions) if issubclass(cls, c)] or [cls]
+    return [(g.__name__.removesuffix("Options").lower(), list(fields(g))) for g in groups]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def _base_type(annotation: Any) -> type:
+    """int for `int | None`, etc. (this module keeps annotations as real types, not strings)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+def _optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _coerce(key: str, raw: Any, f: dataclasses.Field, source: str) -> Any:
+    """Turn a value from a file or the command line into the field's type, or explain why not."""
+    kind = _base_type(f.type)
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and _optional(f.type)):
+        if _optional(f.type):
+            return None
+        raise GlmtuneError(f"{source}: {key} cannot be empty (default: {f.default!r})")
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
+            return False
+        raise GlmtuneError(f"{source}: {key} must be true or false, got {raw!r}")
+    if kind is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise GlmtuneError(f"{source}: {key} must be a whole number, got {raw!r}")
+        try:
+            return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+        except (TypeError, ValueError):
+            raise GlmtuneError(f"{source}: {key} must be a whole number, got {raw!r}") from None
+    if kind is float:
+        if isinstance(raw, bool):
+            raise GlmtuneError(f"{source}: {key} must be a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise GlmtuneError(f"{source}: {key} must be a number, got {raw!r}") from None
+    if isinstance(raw, (dict, list)):
+        raise GlmtuneError(f"{source}: {key} must be a single value, got {type(raw).__name__}")
+    return str(raw)
+
+
+def _check_range(key: str, value: Any, f: dataclasses.Field, source: str) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise GlmtuneError(f"{source}: {key} must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        raise GlmtuneError(f"{source}: {key} must be at least {meta['minimum']}; got {value!r}")
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        raise GlmtuneError(f"{source}: {key} must be at most {meta['maximum']}; got {value!r}")
+    if meta.get("above") is not None and value <= meta["above"]:
+        raise GlmtuneError(f"{source}: {key} must be greater than {meta['above']}; got {value!r}")
+
+
+def unknown_key_error(key: str, valid: list[str], source: str) -> GlmtuneError:
+    normalized = key.lstrip("-").replace("-", "_")
+    close = difflib.get_close_matches(normalized, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return GlmtuneError(f"{source}: unknown option {key!r}{hint}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping of option names to values from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise GlmtuneError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise GlmtuneError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GlmtuneError(f"{p}: the config must be a mapping of option names to values")
+    return data
+
+
+def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]):
+    """Merge layers of raw values (each with a source name for messages) into a validated `cls`."""
+    by_name = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for source, raw in layers:
+        for key, value in raw.items():
+            name = str(key).replace("-", "_")
+            if name not in by_name:
+                raise unknown_key_error(str(key), list(by_name), source)
+            values[name] = (_coerce(name, value, by_name[name], source), source)
+    for name, (value, source) in values.items():
+        _check_range(name, value, by_name[name], source)
+    return cls(**{name: value for name, (value, _) in values.items()})
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field (`--max-steps` and `--max_steps`), defaults suppressed so only given flags count."""
+    for section, group_fields in section_of(cls):
+        group = parser.add_argument_group(f"{section} options")
+        for f in group_fields:
+            if f.name in skip:
+                continue
+            flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+            help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+            if _base_type(f.type) is bool:
+                group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                meta = f.metadata
+                group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                   choices=meta.get("choices"), help=help_text)
+
+
+def split_overrides(items: list[str]) -> tuple[str | None, dict[str, str]]:
+    """Positional words of a command: at most one config file, and key=value overrides."""
+    config_file, overrides = None, {}
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            key, _, value = item.partition("=")
+            overrides[key.strip()] = value
+        elif config_file is None:
+            config_file = item
+        else:
+            raise GlmtuneError(f"only one config file can be given; got {config_file!r} and {item!r}")
+    return config_file, overrides
+
+
+def check_unknown_flags(unknown: list[str], cls: type) -> None:
+    for word in unknown:
+        if word.startswith("-"):
+            raise unknown_key_error(word.split("=")[0], [f.name for f in fields(cls)], "command line")
+    if unknown:
+        raise GlmtuneError(f"command line: unexpected argument {unknown[0]!r}")
+
+
+def config_from_args(cls: type, namespace: argparse.Namespace, positional: list[str], unknown: list[str]):
+    """Build `cls` from the parsed command line: file < key=value < --flags."""
+    check_unknown_flags(unknown, cls)
+    config_file, overrides = split_overrides(positional)
+    layers = []
+    if config_file:
+        layers.append((str(config_file), read_config_file(config_file)))
+    if overrides:
+        layers.append(("command line", overrides))
+    names = {f.name for f in fields(cls)}
+    flags = {k: v for k, v in vars(namespace).items() if k in names}
+    if flags:
+        layers.append(("command line", flags))
+    return build_config(cls, layers)
+
+
+def to_yaml(config) -> str:
+    """The resolved config as YAML, one commented section per layer; `read_config_file` reads it back."""
+    lines = ["# glmtune resolved config: every option with the value this run used"]
+    for section, group_fields in section_of(type(config)):
+        lines.append(f"\n# {section}")
+        for f in group_fields:
+            value = getattr(config, f.name)
+            lines.append(yaml.safe_dump({f.name: value}, allow_unicode=True, default_flow_style=False).strip())
+    return "\n".join(lines) + "\n"
