@@ -1,0 +1,242 @@
+"""Tokenize conversations into `input_ids` / `labels` with label masking and counted truncation.
+
+Labels are -100 on every prompt token (and, later, on padding); answer tokens and their end-of-sequence
+token keep their ids. Each trained answer and the prompt before it form one turn. A turn's prompt is
+limited by `max_source_length` and its answer by `max_target_length`; the whole sample by `cutoff_len`,
+which prompt and answer share: a short side keeps its length and the long side gets the rest, or, when
+both are long, they split it in proportion to their lengths. Truncation cuts a message's own text from
+its end and keeps the template's scaffolding (so a cut prompt still ends with the generation prompt and
+a cut answer still ends with its end token). Every cut is counted in a TruncationReport.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from glmtune.data.formats import Message, Sample
+from glmtune.data.templates import Segment, Template
+
+IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LengthLimits:
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    cutoff_len: int | None = None
+
+    def describe(self) -> str:
+        items = [f"{k}={v}" for k, v in vars(self).items() if v is not None]
+        return ", ".join(items) or "no limits"
+
+
+@dataclass
+class TruncationReport:
+    samples: int = 0
+    samples_cut: int = 0  # samples that lost any token
+    prompts_cut: int = 0  # samples whose prompt (some turn's) was cut
+    answers_cut: int = 0  # samples whose answer (some turn's) was cut
+    turns_dropped: int = 0  # later turns that did not fit at all
+    tokens_dropped: int = 0
+    examples: list[str] = field(default_factory=list)  # where the first few cuts happened
+
+    def add(self, cut: "SampleCut", where: str) -> None:
+        self.samples += 1
+        if cut.any:
+            self.samples_cut += 1
+            self.prompts_cut += cut.prompt
+            self.answers_cut += cut.answer
+            self.turns_dropped += cut.turns_dropped
+            self.tokens_dropped += cut.tokens
+            if len(self.examples) < 5:
+                self.examples.append(where)
+
+    def summary(self, name: str, limits: LengthLimits) -> str:
+        if not self.samples_cut:
+            return f"{name}: {self.samples} samples, none cut ({limits.describe()})"
+        share = 100.0 * self.samples_cut / max(self.samples, 1)
+        dropped = f", {self.turns_dropped} later turns dropped" if self.turns_dropped else ""
+        return (f"{name}: {self.samples_cut} of {self.samples} samples cut ({share:.1f}%): prompt cut in "
+                f"{self.prompts_cut}, answer cut in {self.answers_cut}{dropped}; {self.tokens_dropped} tokens "
+                f"dropped ({limits.describe()}). `glmtune data stats` shows limits that cut fewer.")
+
+
+@dataclass
+class SampleCut:
+    prompt: bool = False
+    answer: bool = False
+    turns_dropped: int = 0
+    tokens: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.prompt or self.answer or self.turns_dropped > 0
+
+
+@dataclass
+class EncodedSegment:
+    """A segment's tokens split into parts: (ids, cuttable) in order."""
+
+    parts: list[tuple[list[int], bool]]
+    answer: bool
+    trainable: bool
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids, _ in self.parts)
+
+    def ids(self) -> list[int]:
+        return [t for ids, _ in self.parts for t in ids]
+
+
+class Encoder:
+    """Tokenizes the segments of one template with one tokenizer."""
+
+    def __init__(self, tokenizer, template: Template, stop_ids: set[int] | None = None):
+        self.tokenizer = tokenizer
+        self.template = template
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no end-of-sequence token")
+        self.eos_id = eos
+        self.stop_ids = set(stop_ids or ()) | {eos}
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def encode_segment(self, segment: Segment, *, split: bool) -> EncodedSegment:
+        """Whole-text tokenization unless `split` (needed only when the segment must be cut)."""
+        if split and len(segment.parts) > 1:
+            parts = [(self._tokens(p.text), p.content) for p in segment.parts]
+        else:
+            parts = [(self._tokens(segment.text), any(p.content for p in segment.parts))]
+        encoded = EncodedSegment(parts, segment.answer, segment.trainable)
+        if segment.answer and not self.stop_ids.intersection(encoded.ids()):
+            encoded.parts.append(([self.eos_id], False))
+        return encoded
+
+    def prompt_ids(self, messages: list[Message], limits: LengthLimits | None = None) -> tuple[list[int], bool]:
+        """Token ids of the prompt that asks for the next answer, and whether it had to be cut."""
+        segments = self.template.render(messages)
+        ids = [t for s in segments for t in self.encode_segment(s, split=False).ids()]
+        budget = _min(limits.max_source_length, limits.cutoff_len) if limits else None
+        if budget is None or len(ids) <= budget:
+            return ids, False
+        return _cut_prompt([self.encode_segment(s, split=True) for s in segments], budget), True
+
+    def encode(self, sample: Sample, limits: LengthLimits) -> tuple[dict[str, list[int]], SampleCut]:
+        """input_ids and labels for a training sample, and what truncation removed."""
+        turns = _group_turns(self.template.render(sample.messages))
+        input_ids: list[int] = []
+        labels: list[int] = []
+        cut = SampleCut()
+        for index, (prompt_segments, answer) in enumerate(turns):
+            prompt = [self.encode_segment(s, split=False) for s in prompt_segments]
+            target = self.encode_segment(answer, split=False) if answer else None
+            src_len = sum(len(s) for s in prompt)
+            tgt_len = len(target) if target else 0
+            remaining = None if limits.cutoff_len is None else limits.cutoff_len - len(input_ids)
+            src_max, tgt_max = _budgets(src_len, tgt_len, remaining, limits)
+            if remaining is not None and (src_max < 1 or (target and tgt_max < 1)):
+                # No room left for this turn: it and every later turn are dropped whole.
+                cut.turns_dropped += len(turns) - index
+                cut.tokens += sum(src + tgt for src, tgt in self.lengths(sample)[index:])
+                break
+            if src_len > src_max:
+                cut.prompt, cut.tokens = True, cut.tokens + src_len - src_max
+                prompt_ids = _cut_prompt([self.encode_segment(s, split=True) for s in prompt_segments], src_max)
+            else:
+                prompt_ids = [tok for s in prompt for tok in s.ids()]
+            input_ids += prompt_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids)
+            if target is None:
+                continue
+            if tgt_len > tgt_max:
+                cut.answer, cut.tokens = True, cut.tokens + tgt_len - tgt_max
+                answer_ids = _cut_segment(self.encode_segment(answer, split=True), tgt_max, from_left=False)
+            else:
+                answer_ids = target.ids()
+            input_ids += answer_ids
+            labels += answer_ids
+        return {"input_ids": input_ids, "labels": labels}, cut
+
+    def lengths(self, sample: Sample) -> list[tuple[int, int]]:
+        """(prompt tokens, answer tokens) of each trained turn, before any truncation."""
+        out = []
+        for prompt_segments, answer in _group_turns(self.template.render(sample.messages)):
+            src = sum(len(self.encode_segment(s, split=False)) for s in prompt_segments)
+            out.append((src, len(self.encode_segment(answer, split=False)) if answer else 0))
+        return out
+
+
+def _min(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _group_turns(segments: list[Segment]) -> list[tuple[list[Segment], Segment | None]]:
+    """(prompt segments, trained answer) pairs; untrained answers (history) join the next prompt."""
+    turns, pending = [], []
+    for segment in segments:
+        if segment.answer and segment.trainable:
+            turns.append((pending, segment))
+            pending = []
+        else:
+            pending.append(segment)
+    if pending:
+        turns.append((pending, None))
+    return turns
+
+
+def _budgets(src: int, tgt: int, remaining: int | None, limits: LengthLimits) -> tuple[int, int]:
+    """How many prompt and answer tokens this turn may keep."""
+    src_max = _min(limits.max_source_length, src) or 0
+    tgt_max = _min(limits.max_target_length, tgt) or 0
+    if remaining is None or src_max + tgt_max <= remaining:
+        return src_max, tgt_max
+    if tgt_max <= remaining // 2:
+        return remaining - tgt_max, tgt_max
+    if src_max <= remaining // 2:
+        return src_max, remaining - src_max
+    tgt_share = max(1, round(remaining * tgt_max / (src_max + tgt_max)))
+    return remaining - tgt_share, tgt_share
+
+
+def _cut_segment(segment: EncodedSegment, keep: int, *, from_left: bool) -> list[int]:
+    """Remove len - keep tokens from the segment's cuttable parts (their ends), scaffolding last."""
+    excess = len(segment) - keep
+    flat: list[int] = []
+    for ids, cuttable in segment.parts:
+        removed = min(excess, len(ids)) if cuttable and excess > 0 else 0
+        flat += ids[: len(ids) - removed]
+        excess -= removed
+    if excess > 0:  # scaffolding alone is longer than the budget
+        flat = flat[excess:] if from_left else flat[: len(flat) - excess]
+    return flat
+
+
+def _cut_prompt(segments: list[EncodedSegment], keep: int) -> list[int]:
+    """Cut a prompt to `keep` tokens: the oldest messages' own text first (each from its end), the newest
+    message's text last, the scaffolding never unless nothing else is left."""
+    excess = sum(len(s) for s in segments) - keep
+    kept: list[int] = []
+    for segment in segments:
+        take = min(max(excess, 0), sum(len(ids) for ids, cuttable in segment.parts if cuttable))
+        kept += _cut_segment(segment, len(segment) - take, from_left=True)
+        excess -= take
+    return kept[len(kept) - keep:] if len(kept) > keep else kept
+
+
+def encode_samples(samples: list[Sample], encoder: Encoder, limits: LengthLimits, *, name: str = "data",
+                   progress: bool = True) -> tuple[list[dict[str, list[int]]], TruncationReport]:
+    """Tokenize a dataset; returns the features and the truncation report (also logged)."""
+    report = TruncationReport()
+    features = []
+    for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
+        feature, cut = encoder.encode(sample, limits)
+        report.add(cut, sample.where)
+        features.append(feature)
+    return features, report

@@ -1,0 +1,83 @@
+"""`glmtune data stats`: token lengths of prompts and answers, and what given limits would cut.
+
+Lengths are counted with the model's tokenizer and prompt template, per trained turn (a single-turn
+sample has one): the prompt includes the template's scaffolding, the answer its end token. Cut counts
+come from running the real tokenization with those limits, so they are exactly what `train` reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from glmtune.data.formats import Sample
+from glmtune.data.preprocess import Encoder, LengthLimits
+
+CANDIDATE_CUTOFFS = (128, 256, 512, 1024, 2048, 4096)
+
+
+def percentile(values: list[int], q: float) -> int:
+    """The nearest-rank percentile (the smallest value with at least q% of values at or below it)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def describe(values: list[int]) -> dict[str, float]:
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return {"max": ordered[-1], "mean": sum(ordered) / n, "median": median,
+            "p95": percentile(ordered, 95), "p99": percentile(ordered, 99)}
+
+
+@dataclass
+class LengthStats:
+    samples: int
+    prompt: dict[str, float]
+    answer: dict[str, float]
+    total: dict[str, float]
+    cut_at: dict[str, int]  # described limits -> samples cut
+    suggestions: dict[str, LengthLimits]  # "cut none" / "cut at most 1%" -> limits
+
+
+def count_cut(samples: list[Sample], encoder: Encoder, limits: LengthLimits) -> int:
+    return sum(encoder.encode(s, limits)[1].any for s in samples)
+
+
+def length_stats(samples: list[Sample], encoder: Encoder, limits: LengthLimits | None = None) -> LengthStats:
+    turns = [encoder.lengths(s) for s in samples]
+    prompts = [src for sample in turns for src, _ in sample]
+    answers = [tgt for sample in turns for _, tgt in sample]
+    totals = [sum(src + tgt for src, tgt in sample) for sample in turns]
+    cut_at: dict[str, int] = {}
+    if limits is not None and any(v is not None for v in vars(limits).values()):
+        cut_at[limits.describe()] = count_cut(samples, encoder, limits)
+    for cutoff in CANDIDATE_CUTOFFS:
+        if cutoff < max(totals) * 2:
+            candidate = LengthLimits(cutoff_len=cutoff)
+            cut_at[candidate.describe()] = count_cut(samples, encoder, candidate)
+    suggestions = {
+        "cut none": LengthLimits(max(prompts), max(answers)),
+        "99th percentiles": LengthLimits(percentile(prompts, 99), percentile(answers, 99)),
+        "cut none (one cutoff_len)": LengthLimits(cutoff_len=max(totals)),
+    }
+    for name, candidate in suggestions.items():
+        cut_at.setdefault(candidate.describe(), count_cut(samples, encoder, candidate))
+    return LengthStats(len(samples), describe(prompts), describe(answers), describe(totals), cut_at, suggestions)
+
+
+def format_stats(stats: LengthStats, title: str) -> str:
+    lines = [title, "", f"{'tokens':<10}{'max':>8}{'mean':>9}{'median':>9}{'p95':>8}{'p99':>8}"]
+    for name in ("prompt", "answer", "total"):
+        d = getattr(stats, name)
+        lines.append(f"{name:<10}{d['max']:>8}{d['mean']:>9.1f}{d['median']:>9.1f}{d['p95']:>8}{d['p99']:>8}")
+    lines += ["", f"samples cut (of {stats.samples}) at:"]
+    width = max(len(k) for k in stats.cut_at)
+    for described, cut in stats.cut_at.items():
+        lines.append(f"  {described:<{width}}  {cut:>6}  ({100.0 * cut / stats.samples:.1f}%)")
+    lines += ["", "suggested limits:"]
+    for name, limits in stats.suggestions.items():
+        cut = stats.cut_at[limits.describe()]
+        lines.append(f"  {name + ':':<28}{limits.describe()}  ({cut} cut)")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Prompt formats: turn a conversation into text segments that alternate prompt and answer.
+
+A template never tokenizes; it says which text is prompt (no loss), which is answer (trained when the
+message is), and inside each segment which text is the user's or assistant's own content (the part
+that truncation may cut) and which is template scaffolding (kept whole). Training and generation render
+prompts through the same segments, so a model sees at inference exactly the prompt tokens it was
+trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glmtune.data.formats import Message
+from glmtune.errors import GlmtuneError
+
+
+@dataclass
+class Part:
+    text: str
+    content: bool  # True: a message's own text (may be cut); False: template scaffolding (kept whole)
+
+
+@dataclass
+class Segment:
+    parts: list[Part]
+    answer: bool = False  # an assistant message; it must end with an end-of-sequence token
+    trainable: bool = False  # labels are kept on this segment's tokens
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts)
+
+
+def _split_around(text: str, content: str, *, last: bool) -> list[Part]:
+    """Parts of `text` with `content` marked as cuttable (scaffolding before and after kept whole)."""
+    at = text.rfind(content) if last else text.find(content)
+    if not content or at < 0:
+        return [Part(text, content=False)]
+    parts = [Part(text[:at], False), Part(content, True), Part(text[at + len(content):], False)]
+    return [p for p in parts if p.text]
+
+
+class Template:
+    name = "base"
+
+    def render(self, messages: list[Message]) -> list[Segment]:
+        """Segments for a conversation. Ending with an assistant message: prompt, answer, prompt, answer...
+        Ending with a user message: the same, then the prompt that asks for the next answer."""
+        raise NotImplementedError
+
+
+class PlainTemplate(Template):
+    """No scaffolding: the prompt text, then the answer followed by the end-of-sequence token.
+
+    This is how the ChatGLM tutorials feed `context`/`target` data, and the right choice for base
+    models without a chat template. A system message is put before the first prompt on its own line.
+    """
+
+    name = "plain"
+
+    def render(self, messages: list[Message]) -> list[Segment]:
+        segments: list[Segment] = []
+        pending: list[Part] = []
+        for message in messages:
+            if message.role == "system":
+                pending += [Part(message.content, True), Part("\n", False)]
+            elif message.role == "user":
+                pending.append(Part(message.content, True))
+            else:
+                segments.append(Segment(pending))
+                segments.append(Segment([Part(message.content, True)], answer=True, trainable=message.trainable))
+                pending = []
+        if pending:
+            segments.append(Segment(pending))
+        return segments
+
+
+class ChatTemplate(Template):
+    """The tokenizer's own chat template (Jinja), split into segments by rendering growing prefixes of
+    the conversation: the text each assistant message adds is its answer segment, the rest is prompt."""
+
+    name = "chat"
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise GlmtuneError("this tokenizer has no chat template; use template: plain")
+        self.tokenizer = tokenizer
+
+    def _apply(self, messages: list[Message], generation_prompt: bool) -> str:
+        dicts = [{"role": m.role, "content": m.content} for m in messages]
+        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def render(self, messages: list[Message]) -> list[Segment]:
+        segments: list[Segment] = []
+        done = ""  # text rendered so far
+        for i, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            prompt = self._apply(messages[:i], generation_prompt=True)
+            full = self._apply(messages[: i + 1], generation_prompt=False)
+            self._check_prefix(done, prompt)
+            self._check_prefix(prompt, full)
+            segments.append(Segment(_split_around(prompt[len(done):], messages[i - 1].content, last=True)))
+            segments.append(Segment(_split_around(full[len(prompt):], message.content, last=False),
+                                    answer=True, trainable=message.trainable))
+            done = full
+        if messages and messages[-1].role != "assistant":
+            prompt = self._apply(messages, generation_prompt=True)
+            self._check_prefix(done, prompt)
+            segments.append(Segment(_split_around(prompt[len(done):], messages[-1].content, last=True)))
+        return segments
+
+    @staticmethod
+    def _check_prefix(prefix: str, text: str) -> None:
+        if not text.startswith(prefix):
+            raise GlmtuneError(
+                "this tokenizer's chat template renders earlier turns differently once a later turn is added, "
+                "so answers cannot be separated from prompts; use template: plain")
+
+
+def get_template(name: str, tokenizer, family: str = "generic") -> Template:
+    """The template called `name` ('auto' picks the family's own, else the chat template, else plain)."""
+    if name == "auto":
+        name = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if name == "chat":
+        return ChatTemplate(tokenizer)
+    if name == "plain":
+        return PlainTemplate()
+    raise GlmtuneError(f"unknown template {name!r}; use auto, chat or plain")

@@ -1,0 +1,101 @@
+"""Shared fixtures: the default model's tokenizer and a tiny random model built from a config.
+
+Tests keep glmtune's cache inside the project (.pytest_cache/glmtune) so they never touch the user's
+cache; the default model is converted once per fresh checkout (about 30 s) and reused after that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache():
+    os.environ["GLMTUNE_CACHE"] = str(ROOT / ".pytest_cache" / "glmtune")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(_isolated_cache) -> Path:
+    from glmtune.models.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir, tokenizer) -> Path:
+    """A 2-layer Llama (grouped-query attention) with random weights and the SmolLM2 tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=0.2)  # large enough that a few LoRA steps move the loss clearly
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(rows, name) -> path; rows may be dicts or raw strings (written as they are)."""
+
+    def write(rows, name="data.jsonl"):
+        path = tmp_path / name
+        lines = [row if isinstance(row, str) else json.dumps(row, ensure_ascii=False) for row in rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def sample_files() -> tuple[Path, Path]:
+    from glmtune.paths import sample_data_dir
+
+    return sample_data_dir() / "train.jsonl", sample_data_dir() / "dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> tuple[Path, Path]:
+    """12 training and 4 dev rows of the sample dataset (both tasks)."""
+    from glmtune.paths import sample_data_dir
+
+    folder = tmp_path_factory.mktemp("small-data")
+    train_rows = (sample_data_dir() / "train.jsonl").read_text(encoding="utf-8").splitlines()[:12]
+    dev_rows = (sample_data_dir() / "dev.jsonl").read_text(encoding="utf-8").splitlines()[:4]
+    (folder / "train.jsonl").write_text("\n".join(train_rows) + "\n", encoding="utf-8")
+    (folder / "dev.jsonl").write_text("\n".join(dev_rows) + "\n", encoding="utf-8")
+    return folder / "train.jsonl", folder / "dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, small_data):
+    """A short LoRA run on the tiny model (TrainResult, with the trained model still in memory)."""
+    from glmtune.config import TrainConfig
+    from glmtune.train.trainer import run_training
+
+    train, dev = small_data
+    config = TrainConfig(model=str(tiny_model_dir), train_file=str(train), dev_file=str(dev),
+                         output_dir=str(tmp_path_factory.mktemp("run") / "out"), max_steps=12, batch_size=4,
+                         learning_rate=3e-2, lora_target="all-linear", logging_steps=1, eval_steps=6, eval_each_epoch=False,
+                         save_steps=6, eval_on_start=True, warmup_ratio=0.0)
+    return run_training(config)
