@@ -1,0 +1,88 @@
+"""Self-describing adapter folders: the weights plus `glmtune_adapter.json`.
+
+The JSON names the base model, its family and fingerprint, the method and every method parameter, and
+the prompt template, so later commands need only `--adapter DIR` and refuse a base the adapter does not
+fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from glmtune import __version__
+from glmtune.errors import GlmtuneError
+
+ADAPTER_FILE = "glmtune_adapter.json"
+FORMAT_VERSION = 1
+
+
+def write_adapter_info(directory: str | Path, *, method: str, family: str, base_model: str,
+                       fingerprint: dict[str, Any], template: str, parameters: dict[str, Any],
+                       extra: dict[str, Any] | None = None) -> Path:
+    info = {
+        "format": FORMAT_VERSION,
+        "glmtune_version": __version__,
+        "method": method,
+        "family": family,
+        "base_model": base_model,
+        "base_fingerprint": fingerprint,
+        "template": template,
+        "parameters": parameters,
+        **(extra or {}),
+    }
+    path = Path(directory) / ADAPTER_FILE
+    path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_adapter_info(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / ADAPTER_FILE
+    if not directory.is_dir():
+        raise GlmtuneError(f"adapter folder not found: {directory}")
+    if not path.is_file():
+        raise GlmtuneError(f"{directory} is not a glmtune adapter: {ADAPTER_FILE} is missing "
+                           "(point --adapter at OUT/adapter or OUT/best of a glmtune run)")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GlmtuneError(f"{path} is not valid JSON: {e}") from None
+    for key in ("method", "family", "base_model", "parameters"):
+        if key not in info:
+            raise GlmtuneError(f"{path} lacks {key!r}; the adapter folder is damaged")
+    return info
+
+
+def check_base_fits(info: dict[str, Any], family: str, fingerprint: dict[str, Any], adapter_dir: Path,
+                    model_name: str) -> None:
+    """Refuse a base model of another family or shape than the adapter was trained on."""
+    if info["family"] != family:
+        raise GlmtuneError(f"adapter {adapter_dir} was trained on a {info['family']} model "
+                           f"({info['base_model']}), but {model_name} is a {family} model")
+    expected = info.get("base_fingerprint", {})
+    differ = {k: (v, fingerprint.get(k)) for k, v in expected.items() if fingerprint.get(k) != v}
+    if differ:
+        details = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items())
+        raise GlmtuneError(f"adapter {adapter_dir} was trained on {info['base_model']}, which does not match "
+                           f"{model_name} ({details})")
+
+
+def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, dtype: str = "auto",
+                     device: str | None = None):
+    """Base model plus (optionally) an adapter, ready for generation; returns (LoadedModel, adapter info).
+
+    Without `model_name` the base recorded in the adapter is used (or the default model)."""
+    from glmtune.config import DEFAULT_MODEL
+    from glmtune.methods import get_method
+    from glmtune.models.loader import default_device, fingerprint, load_model
+
+    info = read_adapter_info(adapter_dir) if adapter_dir else None
+    name = model_name or (info["base_model"] if info else DEFAULT_MODEL)
+    loaded = load_model(name, dtype=dtype, device=device or default_device())
+    if info:
+        check_base_fits(info, loaded.family, fingerprint(loaded.model.config), Path(adapter_dir), name)
+        loaded.model = get_method(info["method"]).load(loaded.model, Path(adapter_dir), info)
+    loaded.model.eval()
+    return loaded, info
