@@ -1,0 +1,119 @@
+"""What glmtune adds to the Trainer: a progress bar with speed and ETA, a JSONL log, evaluation at the end
+of each epoch, and the best adapter by eval loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+class ProgressBar(TrainerCallback):
+    """step/total, loss, learning rate, real (non-padding) tokens per second and ETA."""
+
+    def __init__(self):
+        self.bar = None
+        self.started = None
+        self.tokens_at_start = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Created at the first step, not at train begin, so an evaluation before training
+        # (eval_on_start) does not count into the speed and the ETA.
+        if state.is_world_process_zero and self.bar is None:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training",
+                            dynamic_ncols=True, unit="step")
+            self.started = time.perf_counter()
+            self.tokens_at_start = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        tokens_per_s = (state.num_input_tokens_seen - self.tokens_at_start) / elapsed
+        self.bar.set_postfix({"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}",
+                              "tok/s": f"{tokens_per_s:.0f}"}, refresh=True)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero and metrics and "eval_loss" in metrics:
+            message = f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}"
+            (self.bar.write if self.bar is not None else log.info)(message)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class JsonlLog(TrainerCallback):
+    """Appends every log (train loss, eval loss, speed) to train_log.jsonl with its step and time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.path.exists() and state.global_step > 0:
+            # Resuming: forget entries from after the checkpoint, they will be logged again.
+            lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                     if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        entry = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
+        entry.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        entry["tokens_seen"] = state.num_input_tokens_seen
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+class EvaluateEachEpoch(TrainerCallback):
+    """Evaluation at each epoch's end in addition to every `eval_steps` (the Trainer allows only one)."""
+
+    def __init__(self):
+        self.last_evaluated_step = -1
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.last_evaluated_step = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step != self.last_evaluated_step:  # not again when eval_steps just ran
+            control.should_evaluate = True
+        return control
+
+
+class KeepBestAdapter(TrainerCallback):
+    """Saves the adapter to OUT/best whenever eval loss improves (state survives --resume through the
+    adapter info written next to the weights)."""
+
+    def __init__(self, directory: Path, save_adapter):
+        self.directory = Path(directory)
+        self.save_adapter = save_adapter  # callable(model, directory, extra_info)
+        self.best = self._previous_best()
+
+    def _previous_best(self) -> float:
+        from glmtune.methods.adapter import ADAPTER_FILE
+
+        path = self.directory / ADAPTER_FILE
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("eval_loss", math.inf)
+        return math.inf
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if not state.is_world_process_zero or loss is None or not math.isfinite(loss) or loss >= self.best:
+            return
+        self.best = loss
+        self.save_adapter(model, self.directory, {"eval_loss": loss, "step": state.global_step})
+        log.info("new best eval_loss %.4f at step %d: adapter saved to %s", loss, state.global_step, self.directory)

@@ -1,0 +1,122 @@
+"""Causal-LM loss that projects to the vocabulary only where a label exists.
+
+A causal LM computes logits (batch x sequence x vocabulary, in float32) at every position, although
+only answer positions carry labels; the prompt's logits are thrown away. Here the decoder runs once,
+the hidden states of labelled positions are gathered, and only those go through the output layer.
+The result equals the model's own loss; for architectures that change logits after the output layer
+(soft-capping, scaling) that would not hold, so the first batch is checked against the model's own
+loss and the plain path is used where they disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from glmtune.data.preprocess import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def _parts(model):
+    """(decoder, output layer) of a causal LM, looking through a peft wrapper; None where unknown."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(base, "get_decoder", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def labelled_loss_sum(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies over labelled positions, number of those positions)."""
+    decoder, head = _parts(model)
+    labels = inputs["labels"]
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = decoder(**features, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+
+def labelled_positions_loss(model, inputs: dict[str, torch.Tensor], num_items: int | torch.Tensor | None = None):
+    """Mean token cross-entropy over labelled positions (divided by `num_items` when given)."""
+    total, count = labelled_loss_sum(model, inputs)
+    return total / (num_items if num_items is not None else count.clamp(min=1))
+
+
+class LabelledLossTrainer(Trainer):
+    """The Trainer with `labelled_positions_loss`, after one check that it equals the model's own loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fast_loss: bool | None = None if _parts(self.model) else False
+
+    def _check_fast_loss(self, model, inputs) -> bool:
+        sample = {k: v[:2] for k, v in inputs.items()}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            reference = model(**sample).loss
+            ours = labelled_positions_loss(model, sample)
+        model.train(was_training)
+        same = bool(torch.isfinite(reference)) and torch.allclose(ours.float(), reference.float(), rtol=1e-3, atol=1e-3)
+        if not same:
+            log.info("this model changes logits after its output layer; computing logits at every position")
+        return same
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fast_loss is None:
+            self.fast_loss = self._check_fast_loss(model, inputs)
+        # Logits are needed only by a compute_metrics function (glmtune evaluates by generating instead).
+        if not self.fast_loss or (return_outputs and self.compute_metrics is not None):
+            self.loss_is_scaled_for_ga = None  # the Trainer's own rule
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = labelled_positions_loss(model, inputs, num_items_in_batch)
+        # Normalised by the whole accumulated batch's label count, the loss needs no division by the
+        # accumulation steps; across processes the count is global, and DDP averages the gradients.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Eval loss as one number with one meaning: mean cross-entropy per answer token over the whole
+        dev set (the Trainer's own averages per-batch means, which shifts with batch composition)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        started = time.perf_counter()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.args.device)
+        with torch.no_grad():
+            for batch in self.get_eval_dataloader(dataset):
+                batch = self._prepare_inputs(batch)
+                if self.fast_loss is None:
+                    self.fast_loss = self._check_fast_loss(model, batch)
+                with self.compute_loss_context_manager():
+                    if self.fast_loss is False:
+                        outputs = model(**batch)
+                        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                        batch_sum, batch_count = outputs.loss.float() * n, n
+                    else:
+                        batch_sum, batch_count = labelled_loss_sum(model, batch)
+                total += batch_sum.double()
+                count += batch_count
+        model.train(was_training)
+        # Each process evaluated its shard of the dev set: add the shards up.
+        total = self.accelerator.reduce(total, reduction="sum")
+        count = self.accelerator.reduce(count, reduction="sum")
+        runtime = time.perf_counter() - started
+        metrics = {f"{metric_key_prefix}_loss": float(total) / max(int(count), 1),
+                   f"{metric_key_prefix}_runtime": round(runtime, 3), f"{metric_key_prefix}_tokens": int(count)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

@@ -1,0 +1,254 @@
+"""`glmtune train`: validate data, tokenize, apply the method, run the transformers Trainer, save adapters.
+
+Layout of a run (OUT = output_dir):
+    OUT/resolved_config.yaml  OUT/train_log.jsonl  OUT/loss.png  OUT/metrics.json
+    OUT/checkpoint-N/  (Trainer state, for --resume)
+    OUT/adapter/       (final)   OUT/best/  (lowest eval loss)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmtune.config import TrainConfig, to_yaml
+from glmtune.data.collate import PadCollator
+from glmtune.data.formats import load_samples
+from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport, encode_samples
+from glmtune.data.templates import get_template
+from glmtune.errors import GlmtuneError
+from glmtune.methods import get_method
+from glmtune.methods.adapter import write_adapter_info
+from glmtune.models.loader import LoadedModel, fingerprint, load_model
+from glmtune.train.callbacks import EvaluateEachEpoch, JsonlLog, KeepBestAdapter, ProgressBar
+from glmtune.train.loss import LabelledLossTrainer
+from glmtune.train.plot import plot_loss
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("resolved_config.yaml", "train_log.jsonl", "loss.png", "metrics.json", "adapter", "best")
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict[str, list[int]]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.features[index]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    best_dir: Path | None
+    metrics: dict[str, Any]
+    model: Any  # the trained model, still in memory (base plus method)
+    template: str  # the template name the adapter was trained with
+
+
+def default_output_dir(prefix: str = "train") -> Path:
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prepare_output_dir(directory: Path, *, overwrite: bool, resume: bool) -> Path | None:
+    """Make sure we never silently overwrite an earlier run; returns the checkpoint to resume from."""
+    if overwrite and resume:
+        raise GlmtuneError("give either --overwrite (start again) or --resume (continue), not both")
+    if resume:
+        checkpoints = _checkpoints(directory) if directory.is_dir() else []
+        if not checkpoints:
+            raise GlmtuneError(f"--resume: {directory} has no checkpoint-N folder to continue from")
+        return checkpoints[-1]
+    earlier = [p for p in (directory / name for name in RUN_FILES) if p.exists()] + (
+        _checkpoints(directory) if directory.is_dir() else [])
+    if earlier:
+        if not overwrite:
+            raise GlmtuneError(f"{directory} already holds a training run ({earlier[0].name}); pass --resume to "
+                               "continue it, --overwrite to replace it, or choose another output_dir")
+        for path in earlier:  # only what a glmtune run writes; anything else the user keeps there stays
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".glmtune-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise GlmtuneError(f"cannot write to output_dir {directory}: {e.strerror or e}") from None
+    return None
+
+
+def precision_flags(precision: str, on_gpu: bool) -> dict[str, bool]:
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
+    if precision in ("fp16", "bf16") and not on_gpu:
+        raise GlmtuneError(f"precision {precision} needs a GPU; on the CPU train in fp32 (precision: fp32 or auto)")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps or -1,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=min(cfg.warmup_ratio, 0.999),  # a float below 1 is a ratio of all steps
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if (has_dev and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps or None,
+        eval_on_start=has_dev and cfg.eval_on_start,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        use_cpu=not on_gpu,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        remove_unused_columns=False,
+        label_names=["labels"],  # a peft wrapper hides the signature the Trainer would read them from
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,  # glmtune's own progress bar replaces the Trainer's
+        **precision_flags(cfg.precision, on_gpu),
+    )
+
+
+def _limits(cfg: TrainConfig) -> LengthLimits:
+    return LengthLimits(cfg.max_source_length, cfg.max_target_length, cfg.cutoff_len)
+
+
+def _report_dict(report: TruncationReport) -> dict[str, Any]:
+    data = asdict(report)
+    data.pop("examples")
+    return data
+
+
+def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainResult:
+    """Train as `cfg` says. `loaded` lets a caller (the demo) reuse a model it already loaded."""
+    if not cfg.train_file:
+        raise GlmtuneError("train_file is required (a JSON or JSONL file; see `glmtune data validate`)")
+    columns = {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
+    train_samples, fmt = load_samples(cfg.train_file, **columns)
+    dev_samples = load_samples(cfg.dev_file, **columns)[0] if cfg.dev_file else []
+    train_samples = train_samples[: cfg.max_train_samples] if cfg.max_train_samples else train_samples
+    dev_samples = dev_samples[: cfg.max_eval_samples] if cfg.max_eval_samples else dev_samples
+    log.info("data: %d training samples (%s format)%s", len(train_samples), fmt.name,
+             f", {len(dev_samples)} dev samples" if dev_samples else "")
+
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
+    resume_from = prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    (out / "resolved_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype)
+    template = get_template(cfg.template, loaded.tokenizer, loaded.family)
+    encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids)
+    limits = _limits(cfg)
+    train_features, train_report = encode_samples(train_samples, encoder, limits, name="train")
+    log.info(train_report.summary("train", limits))
+    dev_features, dev_report = encode_samples(dev_samples, encoder, limits, name="dev") if dev_samples else ([], None)
+    dev_features.sort(key=lambda f: len(f["input_ids"]))  # evaluation batches in order: little padding
+    if dev_report:
+        log.info(dev_report.summary("dev", limits))
+
+    method = get_method(cfg.method)
+    parameters = method.parameters(cfg, loaded.family)
+    model = method.apply(loaded.model, cfg, loaded.family)
+    model.config.use_cache = False
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("%s: %s trainable parameters of %s (%.2f%%)", cfg.method, f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+
+    def save_adapter(trained_model, directory: Path, extra: dict[str, Any]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        method.save(trained_model, directory)
+        write_adapter_info(directory, method=cfg.method, family=loaded.family, base_model=loaded.name,
+                           fingerprint=fingerprint(loaded.model.config), template=template.name,
+                           parameters=parameters, extra=extra)
+
+    from transformers.trainer_callback import PrinterCallback
+
+    callbacks = [ProgressBar(), JsonlLog(out / "train_log.jsonl")]
+    if dev_features:
+        callbacks.append(KeepBestAdapter(out / "best", save_adapter))
+        if cfg.eval_each_epoch:
+            callbacks.append(EvaluateEachEpoch())
+    trainer = LabelledLossTrainer(
+        model=model,
+        args=_training_arguments(cfg, out, bool(dev_features)),
+        data_collator=PadCollator(loaded.tokenizer.pad_token_id, side="right"),
+        train_dataset=FeatureDataset(train_features),
+        eval_dataset=FeatureDataset(dev_features) if dev_features else None,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressBar and JsonlLog cover them
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    eval_metrics: dict[str, Any] = {}
+    if dev_features:
+        evaluated = [e for e in trainer.state.log_history if "eval_loss" in e]
+        if evaluated and evaluated[-1].get("step") == trainer.state.global_step:
+            eval_metrics = {k: v for k, v in evaluated[-1].items() if k.startswith("eval_")}
+        else:
+            eval_metrics = trainer.evaluate()
+    adapter_dir = out / "adapter"
+    save_adapter(model, adapter_dir, {"step": trainer.state.global_step, "eval_loss": eval_metrics.get("eval_loss")})
+    best_dir = out / "best" if (out / "best").is_dir() else None
+
+    best_losses = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    initial = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
+    metrics = {
+        "train": {k: v for k, v in train_output.metrics.items() if isinstance(v, (int, float))},
+        "eval": eval_metrics,
+        "best_eval_loss": min(best_losses) if best_losses else None,
+        "initial_eval_loss": initial[0] if initial else None,
+        "global_step": trainer.state.global_step,
+        "trainable_parameters": trainable,
+        "truncation": {"train": _report_dict(train_report), **({"dev": _report_dict(dev_report)} if dev_report else {})},
+    }
+    (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
+    plot_loss(out / "train_log.jsonl", out / "loss.png")
+    log.info("adapter saved to %s%s", adapter_dir, f"; best (eval_loss {metrics['best_eval_loss']:.4f}) in {best_dir}"
+             if best_dir else "")
+    model.config.use_cache = True
+    return TrainResult(out, adapter_dir, best_dir, metrics, model, template.name)
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
