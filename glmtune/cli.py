@@ -1,0 +1,288 @@
+"""The `glmtune` command: train, predict, chat, demo and data tools.
+
+Errors a user can fix (GlmtuneError) are printed as one line without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from glmtune import __version__
+from glmtune.config import DEFAULT_MODEL, TrainConfig, add_arguments, config_from_args
+from glmtune.errors import GlmtuneError
+
+log = logging.getLogger("glmtune")
+
+
+def _number(kind: type, minimum: float, *, above: bool = False, maximum: float | None = None):
+    """An argparse type: a number of `kind` that is at least `minimum` (greater, if `above`), at most `maximum`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1)
+_non_negative_float = _number(float, 0)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help=f"checkpoint folder or alias (default: the adapter's base model, else {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", default=None, help="adapter folder written by glmtune train (OUT/adapter or OUT/best)")
+    parser.add_argument("--template", default=None, choices=("auto", "chat", "plain"),
+                        help="prompt format (default: the adapter's, else auto)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="weight dtype (default: auto: float32 on CPU, bfloat16/float16 on GPU)")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens,
+                        help=f"longest answer in tokens (default: {max_new_tokens})")
+    parser.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                        help="0 (default) decodes greedily; above 0 samples")
+    parser.add_argument("--top-p", type=_number(float, 0, above=True, maximum=1), default=1.0,
+                        help="nucleus sampling mass when sampling (default: 1.0)")
+    parser.add_argument("--repetition-penalty", type=_number(float, 0, above=True), default=1.0,
+                        help="above 1 discourages repeats (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-column", default=None, help="read prompts from this column")
+    parser.add_argument("--response-column", default=None, help="read answers from this column")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmtune", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs (transformers' too)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # CONFIG and key=value words are read from argparse's leftovers, so they may stand anywhere.
+    train = commands.add_parser(
+        "train", allow_abbrev=False, help="fine-tune a model",
+        usage="glmtune train [CONFIG.yaml|.json] [key=value ...] [--option VALUE ...]",
+        description="Fine-tune a model. Options come from an optional YAML/JSON config file, then key=value "
+                    "words, then --flags (later wins): `glmtune train run.yaml max_steps=50 --learning-rate 1e-4`. "
+                    "Every option below can be written in any of the three ways.")
+    add_arguments(train, TrainConfig)
+
+    predict = commands.add_parser("predict", allow_abbrev=False, help="answer every row of a data file",
+                                  description="Batched generation (greedy unless --temperature > 0) with left "
+                                              "padding; each output line is the input row plus `prediction`, "
+                                              "written as soon as its batch is done.")
+    _add_model_arguments(predict)
+    predict.add_argument("--input", required=True, help="JSON/JSONL file in any format train accepts; answers optional")
+    predict.add_argument("--output", required=True, help="JSONL file to write")
+    predict.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch (default: 8)")
+    predict.add_argument("--max-source-length", type=_positive_int, default=None,
+                         help="cut longer prompts to this many tokens (default: no limit)")
+    predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    _add_column_arguments(predict)
+    _add_sampling_arguments(predict, 256)
+
+    chat = commands.add_parser("chat", allow_abbrev=False, help="chat in the terminal",
+                               description="Interactive chat that streams the answer. 'clear' forgets the "
+                                           "conversation, 'exit' or Ctrl-D leaves.")
+    _add_model_arguments(chat)
+    chat.add_argument("--no-history", action="store_true", help="answer every message on its own")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_arguments(chat, 512)
+
+    demo = commands.add_parser("demo", allow_abbrev=False, help="before/after LoRA fine-tuning on the sample data",
+                               description="Evaluate the default model on the shipped sample dev set, fine-tune it "
+                                           "with LoRA on the sample train set for a few minutes, evaluate again, "
+                                           "and print a before/after table.")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or alias (default: {DEFAULT_MODEL})")
+    demo.add_argument("--output-dir", default=None, help="where to write everything (default: runs/demo-<date>-<time>)")
+    demo.add_argument("--max-steps", type=_positive_int, default=None, help="training steps (default: the demo recipe's)")
+    demo.add_argument("--dev-samples", type=_positive_int, default=None,
+                      help="evaluate on the first N dev rows (default: the demo recipe's)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
+
+    data = commands.add_parser("data", help="validate, measure and split data files")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    validate = data_commands.add_parser("validate", allow_abbrev=False, help="check a data file, row by row")
+    validate.add_argument("file")
+    validate.add_argument("--no-answers", action="store_true", help="the rows are prediction inputs (answers optional)")
+    _add_column_arguments(validate)
+    stats = data_commands.add_parser("stats", allow_abbrev=False,
+                                     help="token lengths and what length limits would cut")
+    stats.add_argument("file")
+    stats.add_argument("--model", default=DEFAULT_MODEL, help=f"whose tokenizer counts (default: {DEFAULT_MODEL})")
+    stats.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="prompt format (default: auto)")
+    stats.add_argument("--max-source-length", type=_positive_int, default=None)
+    stats.add_argument("--max-target-length", type=_positive_int, default=None)
+    stats.add_argument("--cutoff-len", type=_positive_int, default=None)
+    stats.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    _add_column_arguments(stats)
+    split = data_commands.add_parser("split", allow_abbrev=False, help="reproducible train/dev split")
+    split.add_argument("file")
+    split.add_argument("--dev-ratio", type=float, default=0.1, help="share of rows for dev (default: 0.1)")
+    split.add_argument("--seed", type=int, default=42, help="shuffle seed (default: 42)")
+    split.add_argument("--output-dir", default=None, help="where to write (default: beside FILE)")
+    split.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr,
+                        force=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info() if verbose else hf_logging.set_verbosity_error()
+    if not verbose:  # library progress bars and deprecation notices are noise to glmtune's users
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_train(args, unknown) -> int:
+    from glmtune.train.trainer import run_training
+
+    flags = [w for w in unknown if w.startswith("-")]
+    words = [w for w in unknown if not w.startswith("-")]
+    config = config_from_args(TrainConfig, args, words, flags)
+    result = run_training(config)
+    print(f"run written to {result.output_dir} (adapter: {result.adapter_dir})")
+    return 0
+
+
+def _generator(args):
+    from glmtune.data.preprocess import LengthLimits
+    from glmtune.evaluate.generate import Generator
+    from glmtune.methods.adapter import load_tuned_model
+
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    loaded, info = load_tuned_model(args.model, args.adapter, dtype=args.dtype)
+    template = args.template or (info or {}).get("template") or "auto"
+    limits = LengthLimits(max_source_length=getattr(args, "max_source_length", None))
+    return Generator(loaded, template, limits)
+
+
+def _sampling(args):
+    from glmtune.evaluate.generate import Sampling
+
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+
+
+def _cmd_predict(args) -> int:
+    from glmtune.data.formats import load_samples
+    from glmtune.evaluate.generate import predict_file
+
+    # Validate the input (and refuse to overwrite) before spending time on loading the model.
+    load_samples(args.input, prompt_column=args.prompt_column, response_column=args.response_column,
+                 require_answer=False)
+    if os.path.exists(args.output) and not args.overwrite:
+        raise GlmtuneError(f"{args.output} already exists; pass --overwrite to replace it")
+    count = predict_file(_generator(args), args.input, args.output, batch_size=args.batch_size,
+                         sampling=_sampling(args), prompt_column=args.prompt_column,
+                         response_column=args.response_column, overwrite=True)
+    print(f"wrote {count} predictions to {args.output}")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from glmtune.serve.chat import chat_loop
+
+    chat_loop(_generator(args), keep_history=not args.no_history, system=args.system, sampling=_sampling(args))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from glmtune.demo import run_demo
+
+    run_demo(model=args.model, output_dir=args.output_dir, max_steps=args.max_steps, dev_samples=args.dev_samples,
+             overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from glmtune.data.formats import load_samples
+
+    columns = {"prompt_column": args.prompt_column, "response_column": args.response_column} \
+        if hasattr(args, "prompt_column") else {}
+    if args.data_command == "validate":
+        samples, fmt = load_samples(args.file, require_answer=not args.no_answers, **columns)
+        turns = sum(sum(m.role == "assistant" and m.trainable for m in s.messages) for s in samples)
+        print(f"{args.file}: OK, {len(samples)} samples ({fmt.name} format, {turns} trained answers)")
+        return 0
+    if args.data_command == "split":
+        from glmtune.data.split import split_file
+
+        train, dev, n_train, n_dev = split_file(args.file, dev_ratio=args.dev_ratio, seed=args.seed,
+                                                output_dir=args.output_dir, overwrite=args.overwrite)
+        print(f"{n_train} rows -> {train}\n{n_dev} rows -> {dev}")
+        return 0
+    import json
+    from dataclasses import asdict
+
+    from glmtune.data.preprocess import Encoder, LengthLimits
+    from glmtune.data.stats import format_stats, length_stats
+    from glmtune.data.templates import get_template
+    from glmtune.models.loader import load_tokenizer, stop_token_ids
+
+    samples, _ = load_samples(args.file, **columns)
+    tokenizer, family, _ = load_tokenizer(args.model)
+    template = get_template(args.template, tokenizer, family)
+    encoder = Encoder(tokenizer, template, stop_token_ids(tokenizer))
+    limits = LengthLimits(args.max_source_length, args.max_target_length, args.cutoff_len)
+    stats = length_stats(samples, encoder, limits)
+    if args.json:
+        data = asdict(stats)
+        data["suggestions"] = {k: asdict(v) for k, v in stats.suggestions.items()}
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_stats(stats, f"{args.file}: {stats.samples} samples, tokenizer of {args.model}, "
+                                  f"template {template.name}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "train":
+        parser.parse_args(argv)  # let argparse print its usage error (exit 2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # glmtune never downloads; fail fast instead of waiting
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        _setup_logging(args.verbose)
+        if args.command == "train":
+            return _cmd_train(args, unknown)
+        if args.command == "predict":
+            return _cmd_predict(args)
+        if args.command == "chat":
+            return _cmd_chat(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        return _cmd_data(args)
+    except GlmtuneError as e:
+        print(f"glmtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nglmtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

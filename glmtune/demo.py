@@ -1,0 +1,129 @@
+"""`glmtune demo`: the whole path on the shipped sample data, in a few minutes on two CPU cores.
+
+1. load the default model (SmolLM2-135M-Instruct) and answer the sample dev set (the "before");
+2. fine-tune it with LoRA on the sample train set (eval loss on the dev set before and after);
+3. answer the dev set again with the trained adapter (the "after");
+4. print a before/after table with three examples, and write everything, report.md included, under
+   one output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from glmtune.config import DEFAULT_MODEL, TrainConfig
+from glmtune.data.formats import load_samples
+from glmtune.errors import GlmtuneError
+from glmtune.evaluate.generate import Generator, Sampling
+from glmtune.evaluate.metrics import answer_kind, score_predictions
+from glmtune.evaluate.report import comparison_table, format_examples, write_report
+from glmtune.methods import get_method
+from glmtune.models.loader import load_model
+from glmtune.paths import sample_data_dir
+from glmtune.train.trainer import default_output_dir, run_training
+
+log = logging.getLogger(__name__)
+
+# The demo recipe: sized to finish within the 10-minute budget on 2 CPU cores (docs/benchmarks.md).
+RECIPE = {
+    "max_steps": 30,
+    "batch_size": 8,
+    "learning_rate": 2e-3,
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.05,
+    "lora_rank": 16,
+    "lora_alpha": 32.0,
+    "lora_dropout": 0.0,
+    "lora_target": "all-linear",
+    "logging_steps": 5,
+}
+DEV_SAMPLES = 40
+MAX_NEW_TOKENS = 200
+# One batch for the whole dev subset: on a CPU each decoding step costs about the same for 1 or 64
+# prompts (it is bound by reading the weights), so fewer, larger batches finish sooner.
+GENERATION_BATCH = 64
+
+
+def _answer_all(generator: Generator, samples, path: Path) -> list[str]:
+    """Greedy answers for every sample (in order), written to `path` as they are produced."""
+    answers: list[str] = []
+    with path.open("w", encoding="utf-8") as out:
+        for start in range(0, len(samples), GENERATION_BATCH):
+            batch = samples[start:start + GENERATION_BATCH]
+            for sample, answer in zip(batch, generator.generate([s.prompt_messages for s in batch],
+                                                                Sampling(MAX_NEW_TOKENS))):
+                out.write(json.dumps({**sample.row, "prediction": answer}, ensure_ascii=False) + "\n")
+                answers.append(answer)
+            out.flush()
+            log.info("  answered %d/%d", len(answers), len(samples))
+    return answers
+
+
+def _pick_examples(samples, before: list[str], after: list[str], count: int = 3) -> list[dict[str, str]]:
+    """One example per answer kind first, then the next rows in order."""
+    order, seen = [], set()
+    for i, sample in enumerate(samples):
+        kind = answer_kind(sample.reference)
+        if kind not in seen:
+            seen.add(kind)
+            order.append(i)
+    order += [i for i in range(len(samples)) if i not in order]
+    return [{"prompt": samples[i].prompt_messages[-1].content, "reference": samples[i].reference,
+             "before": before[i], "after": after[i]} for i in order[:count]]
+
+
+def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_steps: int | None = None,
+             dev_samples: int | None = None, overwrite: bool = False) -> dict:
+    started = time.perf_counter()
+    out = Path(output_dir) if output_dir else default_output_dir("demo")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise GlmtuneError(f"{out} is not empty; pass --overwrite to replace it or choose another --output-dir")
+    train_file, dev_file = sample_data_dir() / "train.jsonl", sample_data_dir() / "dev.jsonl"
+    dev = load_samples(dev_file)[0][: dev_samples or DEV_SAMPLES]
+    out.mkdir(parents=True, exist_ok=True)
+
+    log.info("[1/4] loading %s", model)
+    loaded = load_model(model)
+    loaded.model.eval()
+    log.info("[2/4] answering %d dev questions with the base model", len(dev))
+    before = _answer_all(Generator(loaded), dev, out / "predictions_before.jsonl")
+
+    log.info("[3/4] fine-tuning with LoRA")
+    recipe = dict(RECIPE, max_steps=max_steps or RECIPE["max_steps"])
+    config = TrainConfig(model=model, train_file=str(train_file), dev_file=str(dev_file),
+                         max_eval_samples=len(dev), output_dir=str(out / "run"), overwrite=overwrite,
+                         eval_on_start=True, eval_each_epoch=False, save_steps=recipe["max_steps"], **recipe)
+    result = run_training(config, loaded=loaded)
+    loaded.model = get_method(config.method).for_inference(result.model)
+    loaded.model.eval()
+
+    log.info("[4/4] answering the dev questions with the fine-tuned model")
+    after = _answer_all(Generator(loaded, result.template), dev, out / "predictions_after.jsonl")
+
+    references = [s.reference for s in dev]
+    scores_before = score_predictions(list(zip(before, references)))
+    scores_after = score_predictions(list(zip(after, references)))
+    scores_before["eval_loss"] = result.metrics.get("initial_eval_loss")
+    scores_after["eval_loss"] = result.metrics["eval"].get("eval_loss")
+    examples = _pick_examples(dev, before, after)
+    minutes = (time.perf_counter() - started) / 60
+    setup = [f"model: {model}; LoRA rank {recipe['lora_rank']} on {recipe['lora_target']} layers",
+             f"training: {recipe['max_steps']} steps of {recipe['batch_size']} samples from {train_file.name} "
+             f"(400 rows), learning rate {recipe['learning_rate']}",
+             f"evaluation: {len(dev)} rows of {dev_file.name}, greedy decoding, at most {MAX_NEW_TOKENS} new tokens",
+             f"total time: {minutes:.1f} minutes"]
+    files = ["predictions_before.jsonl", "predictions_after.jsonl", "run/adapter/", "run/loss.png",
+             "run/train_log.jsonl", "run/metrics.json", "demo_metrics.json"]
+    report = write_report(out / "report.md", title="glmtune demo: LoRA on the sample data", setup=setup,
+                          before=scores_before, after=scores_after, examples=examples, files=files)
+    summary = {"before": scores_before, "after": scores_after, "minutes": minutes, "recipe": recipe,
+               "dev_samples": len(dev)}
+    (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    print("\n" + comparison_table(scores_before, scores_after))
+    print("\n" + format_examples(examples))
+    print(f"\ndemo finished in {minutes:.1f} minutes; everything is in {out} (report: {report})")
+    return summary

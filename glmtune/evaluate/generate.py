@@ -1,0 +1,140 @@
+"""Batched generation with left padding, and `glmtune predict` (input rows plus `prediction`, streamed).
+
+Prompts are built by the same Encoder as training data, so the model sees the exact prompt tokens it
+was trained on. Generation stops at any stop token of the model (tokenizer eos and the generation
+config's eos ids, e.g. a chat template's end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glmtune.data.collate import PadCollator
+from glmtune.data.formats import Message, load_samples
+from glmtune.data.preprocess import Encoder, LengthLimits
+from glmtune.data.templates import get_template
+from glmtune.errors import GlmtuneError
+from glmtune.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    """Decoding options; greedy unless `temperature` > 0."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def generation_config(self, pad_id: int, stop_ids: set[int]):
+        from transformers import GenerationConfig
+
+        sampled = self.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sampled,
+            temperature=self.temperature if sampled else None,
+            top_p=self.top_p if sampled else None,
+            top_k=None,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=pad_id,
+        )
+
+
+class Generator:
+    """Answers conversations with one loaded (possibly adapted) model."""
+
+    def __init__(self, loaded: LoadedModel, template: str = "auto", limits: LengthLimits | None = None):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.encoder = Encoder(loaded.tokenizer, get_template(template, loaded.tokenizer, loaded.family),
+                               loaded.stop_ids)
+        self.limits = limits
+        self.collate = PadCollator(loaded.tokenizer.pad_token_id, side="left")
+        self.prompts_cut = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded.model.parameters()).device
+
+    def _inputs(self, conversations: list[list[Message]]) -> dict[str, torch.Tensor]:
+        features = []
+        for messages in conversations:
+            ids, cut = self.encoder.prompt_ids(messages, self.limits)
+            self.prompts_cut += cut
+            features.append({"input_ids": ids})
+        return {k: v.to(self.device) for k, v in self.collate(features).items()}
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[list[Message]], sampling: Sampling | None = None) -> list[str]:
+        """One batch: the answer to each conversation (which ends with a user message)."""
+        sampling = sampling or Sampling()
+        inputs = self._inputs(conversations)
+        config = sampling.generation_config(self.tokenizer.pad_token_id, self.encoder.stop_ids)
+        output = self.loaded.model.generate(**inputs, generation_config=config)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+
+    def stream(self, messages: list[Message], sampling: Sampling | None = None) -> Iterator[str]:
+        """Pieces of one answer as they are generated."""
+        from transformers import TextIteratorStreamer
+
+        sampling = sampling or Sampling()
+        inputs = self._inputs([messages])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        config = sampling.generation_config(self.tokenizer.pad_token_id, self.encoder.stop_ids)
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.inference_mode():
+                    self.loaded.model.generate(**inputs, generation_config=config, streamer=streamer)
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def predict_file(generator: Generator, input_path: str | Path, output_path: str | Path, *, batch_size: int = 8,
+                 sampling: Sampling | None = None, prompt_column: str | None = None,
+                 response_column: str | None = None, overwrite: bool = False, progress: bool = True) -> int:
+    """Writes each input row plus `prediction` to `output_path` (JSONL), batch by batch as they finish.
+    Returns the number of rows written."""
+    from tqdm.auto import tqdm
+
+    samples, _ = load_samples(input_path, prompt_column=prompt_column, response_column=response_column,
+                              require_answer=False)
+    output_path = Path(output_path)
+    if output_path.exists() and not overwrite:
+        raise GlmtuneError(f"{output_path} already exists; pass --overwrite to replace it")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with output_path.open("w", encoding="utf-8") as out, tqdm(total=len(samples), desc="generating",
+                                                              unit="sample", disable=not progress) as bar:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            answers = generator.generate([s.prompt_messages for s in batch], sampling)
+            for sample, answer in zip(batch, answers):
+                out.write(json.dumps({**sample.row, "prediction": answer}, ensure_ascii=False) + "\n")
+            out.flush()
+            written += len(batch)
+            bar.update(len(batch))
+    if generator.prompts_cut:
+        log.warning("%d prompts were longer than the limit and were cut", generator.prompts_cut)
+    return written

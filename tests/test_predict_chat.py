@@ -1,0 +1,85 @@
+import io
+import json
+import os
+import subprocess
+import sys
+
+from glmtune.cli import main
+from glmtune.data.formats import Message
+from glmtune.serve.chat import chat_loop
+
+
+def test_predict_writes_each_row_plus_its_prediction(trained_run, write_jsonl, tmp_path, capsys):
+    rows = [{"context": "Instruction: 请按要求回答。\nInput: 抽取三元组：\n\n张三出生于上海。\nAnswer: ", "target": "x", "id": 1},
+            {"context": "这条评论说的是什么？", "id": 2},
+            {"context": "你好", "target": "", "id": 3}]
+    source = write_jsonl(rows, "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    args = ["predict", "--adapter", str(trained_run.adapter_dir), "--input", str(source), "--output", str(out),
+            "--batch-size", "2", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "prediction"} for r in written] == rows
+    assert all(isinstance(r["prediction"], str) for r in written)
+    assert main(args) == 2  # never overwrites without being asked
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == written  # greedy: same answers
+
+
+def test_predict_rejects_bad_input_before_loading(tmp_path, write_jsonl, capsys):
+    bad = write_jsonl(['{"context": '], "bad.jsonl")
+    assert main(["predict", "--model", "/nowhere", "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
+
+
+class EchoGenerator:
+    """Stands in for Generator: answers with the number of messages it was given, in two pieces."""
+
+    def __init__(self):
+        self.seen = []
+
+    def stream(self, messages, sampling=None):
+        self.seen.append(list(messages))
+        yield "seen "
+        yield str(len(messages))
+
+
+def run_chat(lines, **kwargs):
+    generator, out = EchoGenerator(), io.StringIO()
+    feed = iter(lines)
+
+    def read(prompt):
+        out.write(prompt)
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    answered = chat_loop(generator, read=read, out=out, **kwargs)
+    return generator, out.getvalue(), answered
+
+
+def test_chat_keeps_history_until_cleared():
+    generator, text, answered = run_chat(["你好", "再说一遍", "clear", "新话题", "exit", "never read"])
+    assert answered == 3
+    assert [len(m) for m in generator.seen] == [1, 3, 1]
+    assert generator.seen[1][1] == Message("assistant", "seen 1")
+    assert "assistant> seen 1" in text and "(conversation cleared)" in text
+
+
+def test_chat_without_history_and_with_a_system_prompt():
+    generator, _, answered = run_chat(["一", "二", ""], keep_history=False, system="你是助手")
+    assert answered == 2  # the blank line is ignored, end of input leaves
+    assert [[m.role for m in messages] for messages in generator.seen] == [["system", "user"], ["system", "user"]]
+
+
+def test_chat_command_streams_answers_from_a_terminal_session(trained_run):
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    result = subprocess.run([sys.executable, "-m", "glmtune", "chat", "--adapter", str(trained_run.adapter_dir),
+                             "--max-new-tokens", "4"], input="你好\nclear\n再见\nexit\n", capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 2
+    assert "(conversation cleared)" in result.stdout
+    assert "Traceback" not in result.stderr
