@@ -114,3 +114,37 @@ def test_adapter_refuses_another_base(trained_run, tmp_path, tokenizer):
         load_tuned_model(str(tmp_path / "other"), trained_run.adapter_dir)
     with pytest.raises(GlmtuneError, match="not a glmtune adapter"):
         load_tuned_model(None, tmp_path)
+
+
+def test_same_seed_same_adapter_and_checkpointing_changes_nothing(tmp_path, tiny_model_dir, small_data):
+    from safetensors.torch import load_file
+
+    train, _ = small_data
+    common = ["train", f"model={tiny_model_dir}", f"train_file={train}", "max_steps=3", "batch_size=4",
+              "lora_dropout=0", "logging_steps=1", "save_steps=3", "learning_rate=1e-2"]
+    assert main(common + [f"output_dir={tmp_path / 'a'}"]) == 0
+    assert main(common + [f"output_dir={tmp_path / 'b'}"]) == 0
+    assert main(common + [f"output_dir={tmp_path / 'c'}", "--gradient-checkpointing"]) == 0
+    weights = [load_file(tmp_path / run / "adapter/adapter_model.safetensors") for run in "abc"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(torch.allclose(weights[0][k], weights[2][k], atol=1e-5) for k in weights[0])
+    assert log_entries(tmp_path / "a", "loss") == pytest.approx(log_entries(tmp_path / "c", "loss"), abs=1e-4)
+
+
+def test_a_failed_load_leaves_nothing_behind(tmp_path, small_data, capsys):
+    train, _ = small_data
+    out = tmp_path / "run"
+    assert main(["train", f"train_file={train}", f"output_dir={out}", f"model={tmp_path / 'missing'}"]) == 2
+    assert not out.exists()
+    assert "neither a local checkpoint folder" in capsys.readouterr().err
+
+
+def test_a_missing_logging_backend_is_reported_up_front(tmp_path, small_data, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow"):
+        pytest.skip("mlflow is installed here")
+    train, _ = small_data
+    assert main(["train", f"train_file={train}", f"output_dir={tmp_path / 'run'}", "report_to=mlflow"]) == 2
+    assert "needs the mlflow package" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import set_seed
 
 from glmtune.config import TrainConfig, to_yaml
 from glmtune.data.collate import PadCollator
@@ -67,31 +69,53 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def prepare_output_dir(directory: Path, *, overwrite: bool, resume: bool) -> Path | None:
-    """Make sure we never silently overwrite an earlier run; returns the checkpoint to resume from."""
+def check_output_dir(directory: Path, *, overwrite: bool, resume: bool) -> tuple[Path | None, list[Path]]:
+    """Refuse to overwrite an earlier run silently, before anything is loaded or written.
+
+    Returns the checkpoint to resume from (or None) and the earlier run's files that `create_output_dir`
+    will remove (only with `overwrite`)."""
     if overwrite and resume:
         raise GlmtuneError("give either --overwrite (start again) or --resume (continue), not both")
+    existing = directory.is_dir()
     if resume:
-        checkpoints = _checkpoints(directory) if directory.is_dir() else []
+        checkpoints = _checkpoints(directory) if existing else []
         if not checkpoints:
             raise GlmtuneError(f"--resume: {directory} has no checkpoint-N folder to continue from")
-        return checkpoints[-1]
-    earlier = [p for p in (directory / name for name in RUN_FILES) if p.exists()] + (
-        _checkpoints(directory) if directory.is_dir() else [])
-    if earlier:
-        if not overwrite:
-            raise GlmtuneError(f"{directory} already holds a training run ({earlier[0].name}); pass --resume to "
-                               "continue it, --overwrite to replace it, or choose another output_dir")
-        for path in earlier:  # only what a glmtune run writes; anything else the user keeps there stays
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return checkpoints[-1], []
+    if directory.exists() and not existing:
+        raise GlmtuneError(f"output_dir {directory} exists and is not a folder")
+    earlier = ([p for p in (directory / name for name in RUN_FILES) if p.exists()] + _checkpoints(directory)
+               if existing else [])
+    if earlier and not overwrite:
+        raise GlmtuneError(f"{directory} already holds a training run ({earlier[0].name}); pass --resume to "
+                           "continue it, --overwrite to replace it, or choose another output_dir")
+    parent = directory if existing else next((p for p in directory.absolute().parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise GlmtuneError(f"cannot write to output_dir {directory}: {parent} is not writable")
+    return None, earlier
+
+
+def create_output_dir(directory: Path, earlier: list[Path]) -> None:
+    """Remove an earlier run's files (only glmtune's; anything else the user keeps there stays) and create
+    the folder."""
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".glmtune-write-test"
-        probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
-        raise GlmtuneError(f"cannot write to output_dir {directory}: {e.strerror or e}") from None
-    return None
+        raise GlmtuneError(f"cannot create output_dir {directory}: {e.strerror or e}") from None
+
+
+REPORTING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def check_report_to(backend: str) -> None:
+    """A logging backend must be installed before training starts, not fail after the model loaded."""
+    import importlib.util
+
+    packages = REPORTING_PACKAGES.get(backend, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise GlmtuneError(f"report_to {backend} needs the {packages[0]} package: pip install {packages[0]}")
 
 
 def precision_flags(precision: str, on_gpu: bool) -> dict[str, bool]:
@@ -162,10 +186,13 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     log.info("data: %d training samples (%s format)%s", len(train_samples), fmt.name,
              f", {len(dev_samples)} dev samples" if dev_samples else "")
 
+    if not dev_samples and (cfg.eval_steps or cfg.eval_on_start):
+        log.warning("eval_steps / eval_on_start have no effect without dev_file")
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
-    resume_from = prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
-    (out / "resolved_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    check_report_to(cfg.report_to)
 
+    set_seed(cfg.seed)  # before the method initialises its weights, so a seed fixes the whole run
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
     encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids)
@@ -181,6 +208,8 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     parameters = method.parameters(cfg, loaded.family)
     model = method.apply(loaded.model, cfg, loaded.family)
     model.config.use_cache = False
+    create_output_dir(out, earlier)  # only now: a run that fails to load writes nothing
+    (out / "resolved_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("%s: %s trainable parameters of %s (%.2f%%)", cfg.method, f"{trainable:,}", f"{total:,}",
