@@ -44,7 +44,7 @@ class TruncationReport:
     tokens_dropped: int = 0
     examples: list[str] = field(default_factory=list)  # where the first few cuts happened
 
-    def add(self, cut: "SampleCut", where: str) -> None:
+    def add(self, cut: SampleCut, where: str) -> None:
         self.samples += 1
         if cut.any:
             self.samples_cut += 1

@@ -62,7 +62,7 @@ def length_stats(samples: list[Sample], encoder: Encoder, limits: LengthLimits |
         "99th percentiles": LengthLimits(percentile(prompts, 99), percentile(answers, 99)),
         "cut none (one cutoff_len)": LengthLimits(cutoff_len=max(totals)),
     }
-    for name, candidate in suggestions.items():
+    for candidate in suggestions.values():
         cut_at.setdefault(candidate.describe(), count_cut(samples, encoder, candidate))
     return LengthStats(len(samples), describe(prompts), describe(answers), describe(totals), cut_at, suggestions)
 
