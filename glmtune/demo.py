@@ -17,11 +17,11 @@ from pathlib import Path
 from glmtune.config import DEFAULT_MODEL, TrainConfig
 from glmtune.data.formats import load_samples
 from glmtune.errors import GlmtuneError
-from glmtune.evaluate.generate import Generator, Sampling
+from glmtune.evaluate.generate import Generator, Sampling, write_predictions
 from glmtune.evaluate.metrics import answer_kind, score_predictions
 from glmtune.evaluate.report import comparison_table, format_examples, write_report
 from glmtune.methods import get_method
-from glmtune.models.loader import load_model
+from glmtune.models.loader import default_device, load_model
 from glmtune.paths import sample_data_dir
 from glmtune.train.trainer import default_output_dir, run_training
 
@@ -47,21 +47,6 @@ MAX_NEW_TOKENS = 200
 GENERATION_BATCH = 64
 
 
-def _answer_all(generator: Generator, samples, path: Path) -> list[str]:
-    """Greedy answers for every sample (in order), written to `path` as they are produced."""
-    answers: list[str] = []
-    with path.open("w", encoding="utf-8") as out:
-        for start in range(0, len(samples), GENERATION_BATCH):
-            batch = samples[start:start + GENERATION_BATCH]
-            for sample, answer in zip(batch, generator.generate([s.prompt_messages for s in batch],
-                                                                Sampling(MAX_NEW_TOKENS))):
-                out.write(json.dumps({**sample.row, "prediction": answer}, ensure_ascii=False) + "\n")
-                answers.append(answer)
-            out.flush()
-            log.info("  answered %d/%d", len(answers), len(samples))
-    return answers
-
-
 def _pick_examples(samples, before: list[str], after: list[str], count: int = 3) -> list[dict[str, str]]:
     """One example per answer kind first, then the next rows in order."""
     order, seen = [], set()
@@ -85,11 +70,12 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
     dev = load_samples(dev_file)[0][: dev_samples or DEV_SAMPLES]
     out.mkdir(parents=True, exist_ok=True)
 
+    generation = {"batch_size": GENERATION_BATCH, "sampling": Sampling(MAX_NEW_TOKENS)}
     log.info("[1/4] loading %s", model)
-    loaded = load_model(model)
+    loaded = load_model(model, device=default_device())
     loaded.model.eval()
     log.info("[2/4] answering %d dev questions with the base model", len(dev))
-    before = _answer_all(Generator(loaded), dev, out / "predictions_before.jsonl")
+    before = write_predictions(Generator(loaded), dev, out / "predictions_before.jsonl", **generation)
 
     log.info("[3/4] fine-tuning with LoRA")
     recipe = dict(RECIPE, max_steps=max_steps or RECIPE["max_steps"])
@@ -101,7 +87,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
     loaded.model.eval()
 
     log.info("[4/4] answering the dev questions with the fine-tuned model")
-    after = _answer_all(Generator(loaded, result.template), dev, out / "predictions_after.jsonl")
+    after = write_predictions(Generator(loaded, result.template), dev, out / "predictions_after.jsonl", **generation)
 
     references = [s.reference for s in dev]
     scores_before = score_predictions(list(zip(before, references)))

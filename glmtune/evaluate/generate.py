@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from glmtune.data.collate import PadCollator
-from glmtune.data.formats import Message, load_samples
+from glmtune.data.formats import Message, Sample, load_samples
 from glmtune.data.preprocess import Encoder, LengthLimits
 from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError
@@ -111,30 +111,37 @@ class Generator:
             raise errors[0]
 
 
-def predict_file(generator: Generator, input_path: str | Path, output_path: str | Path, *, batch_size: int = 8,
-                 sampling: Sampling | None = None, prompt_column: str | None = None,
-                 response_column: str | None = None, overwrite: bool = False, progress: bool = True) -> int:
-    """Writes each input row plus `prediction` to `output_path` (JSONL), batch by batch as they finish.
-    Returns the number of rows written."""
+def write_predictions(generator: Generator, samples: list[Sample], output_path: str | Path, *,
+                      batch_size: int = 8, sampling: Sampling | None = None, progress: bool = True) -> list[str]:
+    """Answers every sample in order and writes each row plus `prediction` to `output_path` (JSONL),
+    batch by batch as they finish. Returns the answers."""
     from tqdm.auto import tqdm
 
-    samples, _ = load_samples(input_path, prompt_column=prompt_column, response_column=response_column,
-                              require_answer=False)
     output_path = Path(output_path)
-    if output_path.exists() and not overwrite:
-        raise GlmtuneError(f"{output_path} already exists; pass --overwrite to replace it")
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
+    answers: list[str] = []
     with output_path.open("w", encoding="utf-8") as out, tqdm(total=len(samples), desc="generating",
                                                               unit="sample", disable=not progress) as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
-            answers = generator.generate([s.prompt_messages for s in batch], sampling)
-            for sample, answer in zip(batch, answers):
+            batch_answers = generator.generate([s.prompt_messages for s in batch], sampling)
+            for sample, answer in zip(batch, batch_answers):
                 out.write(json.dumps({**sample.row, "prediction": answer}, ensure_ascii=False) + "\n")
             out.flush()
-            written += len(batch)
+            answers += batch_answers
             bar.update(len(batch))
     if generator.prompts_cut:
         log.warning("%d prompts were longer than the limit and were cut", generator.prompts_cut)
-    return written
+    return answers
+
+
+def predict_file(generator: Generator, input_path: str | Path, output_path: str | Path, *, batch_size: int = 8,
+                 sampling: Sampling | None = None, prompt_column: str | None = None,
+                 response_column: str | None = None, overwrite: bool = False, progress: bool = True) -> int:
+    """`glmtune predict`: answers every row of `input_path` into `output_path`; returns the rows written."""
+    samples, _ = load_samples(input_path, prompt_column=prompt_column, response_column=response_column,
+                              require_answer=False)
+    if Path(output_path).exists() and not overwrite:
+        raise GlmtuneError(f"{output_path} already exists; pass --overwrite to replace it")
+    return len(write_predictions(generator, samples, output_path, batch_size=batch_size, sampling=sampling,
+                                 progress=progress))
