@@ -18,7 +18,7 @@ from glmtune.errors import GlmtuneError
 
 log = logging.getLogger(__name__)
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 
 
 @dataclass
