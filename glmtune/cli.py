@@ -188,17 +188,16 @@ def _sampling(args):
 
 def _cmd_predict(args) -> int:
     from glmtune.data.formats import load_samples
-    from glmtune.evaluate.generate import predict_file
+    from glmtune.evaluate.generate import write_predictions
 
-    # Validate the input (and refuse to overwrite) before spending time on loading the model.
-    load_samples(args.input, prompt_column=args.prompt_column, response_column=args.response_column,
-                 require_answer=False)
+    # Read and validate the input (and refuse to overwrite) before spending time on loading the model.
+    samples, _ = load_samples(args.input, prompt_column=args.prompt_column, response_column=args.response_column,
+                              require_answer=False)
     if os.path.exists(args.output) and not args.overwrite:
         raise GlmtuneError(f"{args.output} already exists; pass --overwrite to replace it")
-    count = predict_file(_generator(args), args.input, args.output, batch_size=args.batch_size,
-                         sampling=_sampling(args), prompt_column=args.prompt_column,
-                         response_column=args.response_column, overwrite=True)
-    print(f"wrote {count} predictions to {args.output}")
+    answers = write_predictions(_generator(args), samples, args.output, batch_size=args.batch_size,
+                                sampling=_sampling(args))
+    print(f"wrote {len(answers)} predictions to {args.output}")
     return 0
 
 

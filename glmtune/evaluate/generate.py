@@ -1,4 +1,4 @@
-"""Batched generation with left padding, and `glmtune predict` (input rows plus `prediction`, streamed).
+"""Batched generation with left padding, and the streamed predictions file of `glmtune predict` and the demo.
 
 Prompts are built by the same Encoder as training data, so the model sees the exact prompt tokens it
 was trained on. Generation stops at any stop token of the model (tokenizer eos and the generation
@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from glmtune.data.collate import PadCollator
-from glmtune.data.formats import Message, Sample, load_samples
+from glmtune.data.formats import Message, Sample
 from glmtune.data.preprocess import Encoder, LengthLimits
 from glmtune.data.templates import get_template
-from glmtune.errors import GlmtuneError
 from glmtune.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -133,15 +132,3 @@ def write_predictions(generator: Generator, samples: list[Sample], output_path: 
     if generator.prompts_cut:
         log.warning("%d prompts were longer than the limit and were cut", generator.prompts_cut)
     return answers
-
-
-def predict_file(generator: Generator, input_path: str | Path, output_path: str | Path, *, batch_size: int = 8,
-                 sampling: Sampling | None = None, prompt_column: str | None = None,
-                 response_column: str | None = None, overwrite: bool = False, progress: bool = True) -> int:
-    """`glmtune predict`: answers every row of `input_path` into `output_path`; returns the rows written."""
-    samples, _ = load_samples(input_path, prompt_column=prompt_column, response_column=response_column,
-                              require_answer=False)
-    if Path(output_path).exists() and not overwrite:
-        raise GlmtuneError(f"{output_path} already exists; pass --overwrite to replace it")
-    return len(write_predictions(generator, samples, output_path, batch_size=batch_size, sampling=sampling,
-                                 progress=progress))

@@ -103,11 +103,10 @@ class KeepBestAdapter(TrainerCallback):
         self.best = self._previous_best()
 
     def _previous_best(self) -> float:
-        from glmtune.methods.adapter import ADAPTER_FILE
+        from glmtune.methods.adapter import ADAPTER_FILE, read_adapter_info
 
-        path = self.directory / ADAPTER_FILE
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8")).get("eval_loss", math.inf)
+        if (self.directory / ADAPTER_FILE).is_file():
+            return read_adapter_info(self.directory).get("eval_loss", math.inf)
         return math.inf
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
