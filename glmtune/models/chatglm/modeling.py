@@ -1,0 +1,441 @@
+"""ChatGLM-6B (v1) written for current transformers: reads top to bottom like the model.
+
+What makes this model unusual (all as the official THUDM code computes it; tests compare against its
+outputs in fixtures/golden/chatglm):
+- The prompt ends with `[gMASK] <sop>`. Everything before `<sop>` is context and attends both ways;
+  `<sop>` and the answer after it attend causally.
+- 2D rotary positions: the first half of each head is rotated by the token's position (every answer
+  token sits at the position of the mask token), the second half by its block position (0 in the
+  context, 1, 2, ... from `<sop>` on).
+- Post-LayerNorm "DeepNorm" residuals: the normalised input, scaled by sqrt(2 * num_layers), is the
+  residual; masked attention scores are set to -10000, not -inf.
+- P-Tuning v2: a trained key/value prefix in front of every layer's keys and values. The prefix is not
+  rotated, every query sees it, and positions do not move. It is recomputed at each forward (cheap), so
+  the KV cache only ever holds real tokens.
+
+Tensors are batch-first; the KV cache is a transformers `Cache` holding [batch, heads, seq, head_dim].
+Attention masks arrive as None (derived from the ids, as the official model does), as a 2D padding mask
+(1 = token, 0 = padding, what glmtune's collators give) or as the official 4D bool mask (True = blocked).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from glmtune.models.chatglm.configuration import ChatGLMConfig
+from glmtune.models.prefix import PrefixEncoder
+
+MASKED_SCORE = -10000.0  # the official fill value for blocked attention scores
+PREFIX_DROPOUT = 0.1  # the official dropout on the P-Tuning prefix while training
+OFFICIAL_BLOCK_LAYERS = 28  # what the residual scale is computed from, see GLMBlock
+
+
+# ---------------------------------------------------------------- positions and masks
+
+def token_layout(input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None,
+                 prefer_mask: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids [batch, 2, seq] ([batch, seq] for 1D positions), blocked [batch, 1, seq, seq]).
+
+    Without a padding mask every token counts, as in the official model's own fallback, which looks for
+    `[gMASK]` first. With one, padding tokens get position 0 and are blocked both ways, and `[MASK]` is
+    looked for first: what the official tokenizer builds, and so what official generation sees.
+    `prefer_mask` overrides which mask token is looked for first.
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
+    order = (real.long().cumsum(-1) - 1).clamp(min=0) * real  # position among the real tokens
+    sop = (input_ids == config.bos_token_id) & real
+    if not bool(sop.any(-1).all()):
+        raise ValueError(f"every ChatGLM-6B input needs the <sop> token (id {config.bos_token_id}) that starts "
+                         "the answer; build prompts as text + [gMASK] + <sop>")
+    if prefer_mask is None:
+        prefer_mask = padding_mask is not None
+    mask_first, mask_second = config.mask_token_id, config.gmask_token_id
+    if not prefer_mask:
+        mask_first, mask_second = mask_second, mask_first
+    first = (input_ids == mask_first) & real
+    second = (input_ids == mask_second) & real
+    if not bool((first | second).any(-1).all()):
+        raise ValueError(f"every ChatGLM-6B input needs a [gMASK] (id {config.gmask_token_id}) or [MASK] "
+                         f"(id {config.mask_token_id}) token before <sop>")
+    mask_at = torch.where(first.any(-1), first.int().argmax(-1), second.int().argmax(-1))
+    context = sop.int().argmax(-1)  # index of <sop>; the context is everything before it
+
+    index = torch.arange(length, device=device)
+    answer = index[None, :] >= context[:, None]
+    if config.position_encoding_2d:
+        positions = torch.where(answer, order.gather(1, mask_at[:, None]), order)
+        blocks = torch.where(answer, index[None, :] - context[:, None] + 1, 0)
+        position_ids = torch.stack([positions * real, blocks * real], dim=1)
+    else:  # 1D positions: only a [MASK] infill pins the answer to the mask's position
+        pinned = answer & (input_ids.gather(1, mask_at[:, None]) == config.mask_token_id)
+        position_ids = torch.where(pinned, order.gather(1, mask_at[:, None]), order) * real
+
+    causal = index[None, :, None] >= index[None, None, :]  # [1, query, key]
+    in_context = index[None, None, :] < context[:, None, None]  # [batch, 1, key]
+    allowed = (causal | in_context) & real[:, None, :] & real[:, :, None]
+    return position_ids, ~allowed[:, None]
+
+
+# ---------------------------------------------------------------- building blocks
+
+def rotary_tables(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [batch, seq, 1, dim] for integer positions [batch, seq].
+
+    The official code stores the inverse frequencies in fp16; they are rounded the same way here so the
+    angles are identical, then everything is computed in fp32.
+    """
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)).half().float()
+    angles = positions[..., None].float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        inner = self.num_heads * self.head_dim
+        # Per head the output holds [query | key | value] side by side (the official strided layout).
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * inner)
+        self.dense = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, rotary, blocked: torch.Tensor, past_key_values: Cache | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None, output_attentions: bool = False):
+        batch, length, _ = hidden.shape
+        qkv = self.query_key_value(hidden).view(batch, length, self.num_heads, 3 * self.head_dim)
+        query, key, value = qkv.split(self.head_dim, dim=-1)  # [batch, seq, heads, head_dim]
+        if self.config.position_encoding_2d:
+            (cos_p, sin_p), (cos_b, sin_b) = rotary
+            q1, q2 = query.chunk(2, dim=-1)
+            k1, k2 = key.chunk(2, dim=-1)
+            query = torch.cat((rotate(q1, cos_p, sin_p), rotate(q2, cos_b, sin_b)), dim=-1)
+            key = torch.cat((rotate(k1, cos_p, sin_p), rotate(k2, cos_b, sin_b)), dim=-1)
+        else:
+            cos, sin = rotary
+            query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [batch, heads, seq, head_dim]
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        if prefix is not None:
+            key = torch.cat((prefix[0], key), dim=2)
+            value = torch.cat((prefix[1], value), dim=2)
+
+        probs = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            # The official arithmetic: scale the query down by (layer + 1) and the scores back up in fp32,
+            # which keeps fp16 scores in range.
+            coeff = float(self.layer_idx + 1)
+            scores = torch.matmul(query / (math.sqrt(self.head_dim) * coeff), key.transpose(-1, -2))
+            scores = scores.masked_fill(blocked, MASKED_SCORE)
+            probs = F.softmax(scores.float() * coeff, dim=-1).to(value.dtype)
+            context = torch.matmul(probs, value)
+        else:
+            bias = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device).masked_fill(blocked, MASKED_SCORE)
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
+                                                     scale=1.0 / math.sqrt(self.head_dim))
+        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.dense(context), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        # DeepNorm residual scale. The official model never passes num_layers to its blocks, so every
+        # ChatGLM-6B uses the default of 28 layers here whatever its depth: sqrt(56).
+        self.alpha = math.sqrt(2 * OFFICIAL_BLOCK_LAYERS)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, rotary, blocked, past_key_values=None, prefix=None, output_attentions=False):
+        normed = self.input_layernorm(hidden)
+        attended, probs = self.attention(normed, rotary, blocked, past_key_values, prefix, output_attentions)
+        hidden = normed * self.alpha + attended
+        normed = self.post_attention_layernorm(hidden)
+        return normed * self.alpha + self.mlp(normed), probs
+
+
+# ---------------------------------------------------------------- models
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    config: ChatGLMConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # Official checkpoints carry the rotary inverse frequencies; they are recomputed, never loaded.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.gradient_checkpointing = False
+        self.prefix_encoder = None
+        if config.pre_seq_len:
+            width = config.num_layers * 2 * config.hidden_size  # a key and a value of every layer
+            mid = config.prefix_hidden_size or config.hidden_size
+            self.prefix_encoder = PrefixEncoder(config.pre_seq_len, width, projection=config.prefix_projection,
+                                                embed_width=config.hidden_size, hidden_width=mid)
+            self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def prefix_key_values(self, batch: int, dtype: torch.dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value) [batch, heads, pre_seq_len, head_dim] from the prefix encoder."""
+        config = self.config
+        tokens = torch.arange(config.pre_seq_len, device=device)[None]
+        flat = self.prefix_encoder(tokens).to(dtype).expand(batch, -1, -1)
+        flat = self.prefix_dropout(flat)  # per sample, as the official code drops out the batch copy
+        kv = flat.reshape(batch, config.pre_seq_len, 2 * config.num_layers, config.num_attention_heads,
+                          config.head_dim).permute(2, 0, 3, 1, 4)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        config = self.config
+        use_cache = config.use_cache if use_cache is None else use_cache
+        output_attentions = bool(output_attentions)
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        checkpointing = self.gradient_checkpointing and self.training
+        if checkpointing:
+            use_cache = False
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+        if not use_cache:
+            past_key_values = None
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        four_d = attention_mask is not None and attention_mask.dim() == 4
+        if four_d and attention_mask.dtype != torch.bool:
+            raise ValueError("a 4D attention_mask must be bool with True where attention is blocked "
+                             "(the official ChatGLM-6B convention)")
+        if position_ids is None or not four_d:
+            if input_ids is None or past:
+                raise ValueError("without input_ids, or when continuing from a cache, pass position_ids "
+                                 "[batch, 2, seq] and the 4D bool attention_mask (generate() does this)")
+            derived_positions, derived_blocked = token_layout(input_ids, config, attention_mask)
+            position_ids = derived_positions if position_ids is None else position_ids
+            blocked = attention_mask if four_d else derived_blocked
+        else:
+            blocked = attention_mask
+        blocked = blocked.to(inputs_embeds.device)
+
+        prefix = None
+        if self.prefix_encoder is not None:
+            prefix = self.prefix_key_values(batch, inputs_embeds.dtype, inputs_embeds.device)
+            # Every query sees the whole prefix.
+            visible = torch.zeros(batch, 1, length, config.pre_seq_len, dtype=torch.bool, device=blocked.device)
+            blocked = torch.cat((visible, blocked.expand(batch, -1, -1, -1)), dim=-1)
+
+        half = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+        if config.position_encoding_2d:
+            rotary = (rotary_tables(position_ids[:, 0], half, inputs_embeds.dtype),
+                      rotary_tables(position_ids[:, 1], half, inputs_embeds.dtype))
+        else:
+            rotary = rotary_tables(position_ids, half, inputs_embeds.dtype)
+
+        hidden = inputs_embeds
+        all_hidden = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            layer_prefix = prefix[i] if prefix is not None else None
+            if checkpointing:
+                hidden, probs = self._gradient_checkpointing_func(layer.__call__, hidden, rotary, blocked, None,
+                                                                  layer_prefix, output_attentions)
+            else:
+                hidden, probs = layer(hidden, rotary, blocked, past_key_values, layer_prefix, output_attentions)
+            if output_attentions:
+                all_attentions += (probs,)
+        hidden = self.final_layernorm(hidden)
+        if output_hidden_states:
+            all_hidden += (hidden,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values,
+                                       hidden_states=all_hidden, attentions=all_attentions)
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.transformer.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_decoder(self):
+        return self.transformer
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                   use_cache=use_cache, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            # Token t predicts token t+1; the mean over labelled positions, computed in fp32.
+            shifted = logits[:, :-1].float()
+            loss = CrossEntropyLoss(ignore_index=-100)(shifted.reshape(-1, shifted.size(-1)),
+                                                       labels[:, 1:].reshape(-1).to(logits.device))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, *args, attention_mask=None, **kwargs):
+        """transformers' generate, also accepting the official tokenizer's 4D bool mask (True = blocked),
+        which generate itself refuses; it travels under its own name and grows the official way."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            kwargs["official_attention_mask"] = attention_mask
+            attention_mask = None
+        return super().generate(*args, attention_mask=attention_mask, **kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # transformers would count positions 0, 1, 2...; ChatGLM positions come from the token layout,
+        # which prepare_inputs_for_generation derives.
+        return None
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      position_ids=None, inputs_embeds=None, use_cache=None,
+                                      official_attention_mask=None, **kwargs):
+        """Feed only the tokens the cache has not seen, with their rows of the mask and their positions.
+
+        The layout is derived from the whole sequence so far (ids plus the 2D padding mask that generate
+        extends), unless the caller passed the official 4D mask and position ids, which
+        `_update_model_kwargs_for_generation` extends the official way.
+        """
+        done = past_key_values.get_seq_length() if past_key_values is not None else 0
+        blocked = official_attention_mask
+        if position_ids is None or blocked is None:
+            padding = attention_mask if blocked is None else None
+            # Generation follows the official tokenizer's layout ([MASK] first), also when transformers
+            # dropped an all-ones padding mask.
+            derived_positions, derived_blocked = token_layout(input_ids, self.config, padding, prefer_mask=True)
+            position_ids = derived_positions if position_ids is None else position_ids
+            blocked = derived_blocked if blocked is None else blocked
+        inputs = {
+            "input_ids": input_ids[:, done:],
+            "position_ids": position_ids[..., done:],
+            "attention_mask": blocked[:, :, done:, :],
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }
+        if inputs_embeds is not None and done == 0:
+            inputs["inputs_embeds"], inputs["input_ids"] = inputs_embeds, None
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
+                                            num_new_tokens=1):
+        # Official layouts grow their own way: a new answer token keeps the mask position and takes the
+        # next block position; its mask row sees everything its predecessor saw, plus itself.
+        position_ids = model_kwargs.pop("position_ids", None)
+        mask = model_kwargs.pop("official_attention_mask", None)
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
+                                                                   num_new_tokens)
+        for _ in range(num_new_tokens):
+            if position_ids is not None:
+                step = position_ids[..., -1:].clone()
+                if step.dim() == 3:
+                    step[:, 1] += 1
+                else:  # 1D positions
+                    step += 1
+                position_ids = torch.cat((position_ids, step), dim=-1)
+            if mask is not None:
+                mask = torch.cat((mask, mask.new_ones(*mask.shape[:3], 1)), dim=3)
+                row = mask[:, :, -1:].clone()
+                row[..., -1] = False
+                mask = torch.cat((mask, row), dim=2)
+        if position_ids is not None:
+            model_kwargs["position_ids"] = position_ids
+        if mask is not None:
+            model_kwargs["official_attention_mask"] = mask
+        return model_kwargs
