@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from glmtune import __version__
-from glmtune.config import DEFAULT_MODEL, TrainConfig, add_arguments, config_from_args
+from glmtune.config import DEFAULT_MODEL, TEMPLATE_CHOICES, TrainConfig, add_arguments, config_from_args
 from glmtune.errors import GlmtuneError
 
 log = logging.getLogger("glmtune")
@@ -44,10 +44,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f"checkpoint folder or alias (default: the adapter's base model, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", default=None, help="adapter folder written by glmtune train (OUT/adapter or OUT/best)")
-    parser.add_argument("--template", default=None, choices=("auto", "chat", "plain"),
+    parser.add_argument("--template", default=None, choices=TEMPLATE_CHOICES,
                         help="prompt format (default: the adapter's, else auto)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                         help="weight dtype (default: auto: float32 on CPU, bfloat16/float16 on GPU)")
+    parser.add_argument("--quantization-bit", type=int, default=None, choices=(0, 4, 8),
+                        help="weight-only quantization of the base (ChatGLM-6B): 8 or 4 bits "
+                             "(default: the adapter's, else 0 = none)")
+    parser.add_argument("--pre-seq-len", type=_positive_int, default=None,
+                        help="prefix length of an official P-Tuning checkpoint given as --adapter "
+                             "(glmtune adapters record their own)")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="token lengths and what length limits would cut")
     stats.add_argument("file")
     stats.add_argument("--model", default=DEFAULT_MODEL, help=f"whose tokenizer counts (default: {DEFAULT_MODEL})")
-    stats.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="prompt format (default: auto)")
+    stats.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES, help="prompt format (default: auto)")
     stats.add_argument("--max-source-length", type=_positive_int, default=None)
     stats.add_argument("--max-target-length", type=_positive_int, default=None)
     stats.add_argument("--cutoff-len", type=_positive_int, default=None)
@@ -174,7 +180,8 @@ def _generator(args):
         from transformers import set_seed
 
         set_seed(args.seed)
-    loaded, info = load_tuned_model(args.model, args.adapter, dtype=args.dtype)
+    loaded, info = load_tuned_model(args.model, args.adapter, dtype=args.dtype,
+                                    quantization_bit=args.quantization_bit, pre_seq_len=args.pre_seq_len)
     template = args.template or (info or {}).get("template") or "auto"
     limits = LengthLimits(max_source_length=getattr(args, "max_source_length", None))
     return Generator(loaded, template, limits)

@@ -21,6 +21,8 @@ import yaml
 from glmtune.errors import GlmtuneError
 
 DEFAULT_MODEL = "smollm2-135m"
+TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm")
+DEFAULT_LEARNING_RATES = {"lora": 2e-4, "ptuning": 2e-2}
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -34,10 +36,14 @@ def option(default: Any, help: str, *, choices: tuple | None = None, minimum: fl
 class ModelOptions:
     model: str = option(DEFAULT_MODEL, "Local checkpoint folder, or the alias smollm2-135m (the embedded default model).")
     template: str = option("auto", "Prompt format: auto (the family's format, else the tokenizer's chat template, "
-                           "else plain), chat (the tokenizer's chat template), plain (prompt then answer).",
-                           choices=("auto", "chat", "plain"))
+                           "else plain), chat (the tokenizer's chat template), plain (prompt then answer), "
+                           "chatglm (ChatGLM-6B: [Round i] history, answer after [gMASK] <sop>).",
+                           choices=TEMPLATE_CHOICES)
     dtype: str = option("auto", "Weight dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it, else float16.",
                         choices=("auto", "float32", "float16", "bfloat16"))
+    quantization_bit: int = option(0, "Weight-only quantization of the frozen base (ChatGLM-6B): 8 or 4 bits with "
+                                   "per-row scales as the official code; 0 keeps full weights. Checkpoints stored "
+                                   "quantized (chatglm-6b-int4/int8) are read as they are.", choices=(0, 4, 8))
 
 
 @dataclass
@@ -57,11 +63,17 @@ class DataOptions:
 
 @dataclass
 class MethodOptions:
-    method: str = option("lora", "Fine-tuning method.", choices=("lora",))
+    method: str = option("lora", "Fine-tuning method: lora, or ptuning (P-Tuning v2: a trained key/value prefix "
+                         "in every layer; ChatGLM-6B).", choices=("lora", "ptuning"))
     lora_rank: int = option(8, "LoRA rank r.", minimum=1)
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank.", above=0)
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.99)
     lora_target: str = option("auto", "Modules to adapt: auto (the family's default), all-linear, or comma-separated names.")
+    pre_seq_len: int = option(128, "P-Tuning v2: prefix length in tokens (the official tutorials use 128).", minimum=1)
+    prefix_projection: bool = option(False, "P-Tuning v2: produce the prefix through a two-layer MLP (more parameters) "
+                                     "instead of training it directly.")
+    prefix_hidden_size: int | None = option(None, "P-Tuning v2: width of that MLP; default the model's hidden size.",
+                                            minimum=1)
 
 
 @dataclass
@@ -74,7 +86,8 @@ class TrainingOptions:
     batch_size: int = option(4, "Training samples per device per step.", minimum=1)
     eval_batch_size: int = option(8, "Samples per device per evaluation step.", minimum=1)
     gradient_accumulation_steps: int = option(1, "Batches accumulated into one optimizer step.", minimum=1)
-    learning_rate: float = option(2e-4, "Peak learning rate of AdamW.", above=0)
+    learning_rate: float | None = option(None, "Peak learning rate of AdamW; default 2e-4 for LoRA and 2e-2 for "
+                                         "P-Tuning v2 (the official recipes).", above=0)
     lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
     warmup_ratio: float = option(0.0, "Fraction of the steps spent warming the learning rate up from 0.", minimum=0, maximum=1)
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0)
@@ -160,7 +173,7 @@ def _check_range(key: str, value: Any, f: dataclasses.Field, source: str) -> Non
     if value is None:
         return
     if meta.get("choices") and value not in meta["choices"]:
-        raise GlmtuneError(f"{source}: {key} must be one of {', '.join(meta['choices'])}; got {value!r}")
+        raise GlmtuneError(f"{source}: {key} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
         raise GlmtuneError(f"{source}: {key} must be at least {meta['minimum']}; got {value!r}")
     if meta.get("maximum") is not None and value > meta["maximum"]:
@@ -221,9 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
             else:
-                meta = f.metadata
+                choices = f.metadata.get("choices")  # flags arrive as text; the value is typed later
                 group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                   choices=meta.get("choices"), help=help_text)
+                                   choices=tuple(map(str, choices)) if choices else None, help=help_text)
 
 
 def split_overrides(items: list[str]) -> tuple[str | None, dict[str, str]]:

@@ -37,7 +37,7 @@ def test_glm4_hf_checkpoints_train_with_lora_on_their_projections(model_type, tm
     assert len(answers) == 2
 
 
-def test_chatglm_checkpoints_are_detected_and_refused_clearly(tmp_path):
+def test_chatglm_families_are_detected_and_unfinished_ones_refused_clearly(tmp_path):
     assert detect_family({"model_type": "chatglm", "inner_hidden_size": 16384, "position_encoding_2d": True}) == "chatglm"
     assert detect_family({"model_type": "chatglm", "multi_query_attention": True, "ffn_hidden_size": 13696}) == "chatglm2"
     assert detect_family({"model_type": "chatglm", "ffn_hidden_size": 13696,
@@ -48,5 +48,10 @@ def test_chatglm_checkpoints_are_detected_and_refused_clearly(tmp_path):
                                                                           "inner_hidden_size": 16384}
     (tmp_path / "chatglm").mkdir()
     (tmp_path / "chatglm" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(GlmtuneError, match="ChatGLM-6B checkpoint; glmtune's native ChatGLM-6B implementation"):
+    with pytest.raises(GlmtuneError, match="no ice_text.model"):  # native, but the vocabulary is missing
         load_tokenizer(str(tmp_path / "chatglm"))
+    (tmp_path / "chatglm2").mkdir()
+    (tmp_path / "chatglm2" / "config.json").write_text(json.dumps(
+        {"model_type": "chatglm", "multi_query_attention": True, "ffn_hidden_size": 13696}))
+    with pytest.raises(GlmtuneError, match="ChatGLM2-6B checkpoint; glmtune's native ChatGLM2-6B implementation"):
+        load_tokenizer(str(tmp_path / "chatglm2"))

@@ -24,7 +24,7 @@ def option_tables() -> str:
         lines += ["", f"### {section}", "", "| option | default | meaning |", "| --- | --- | --- |"]
         for f in group:
             meta = f.metadata
-            choices = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
+            choices = f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else ""
             lines.append(f"| `{f.name}` | `{f.default}` | {meta['help']}{choices} |")
     return "\n".join(lines) + "\n"
 

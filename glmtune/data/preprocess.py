@@ -107,12 +107,32 @@ class Encoder:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
+    def _special(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no special token {token!r} that the template needs")
+        return token_id
+
     def encode_segment(self, segment: Segment, *, split: bool) -> EncodedSegment:
-        """Whole-text tokenization unless `split` (needed only when the segment must be cut)."""
-        if split and len(segment.parts) > 1:
-            parts = [(self._tokens(p.text), p.content) for p in segment.parts]
-        else:
-            parts = [(self._tokens(segment.text), any(p.content for p in segment.parts))]
+        """Text between special tokens is tokenized whole unless `split` (needed only when the segment
+        must be cut); special tokens go in by id."""
+        parts: list[tuple[list[int], bool]] = []
+        run: list = []  # consecutive text parts
+
+        def flush():
+            if split:
+                parts.extend((self._tokens(p.text), p.content) for p in run)
+            elif run:
+                parts.append((self._tokens("".join(p.text for p in run)), any(p.content for p in run)))
+            run.clear()
+
+        for part in segment.parts:
+            if part.special:
+                flush()
+                parts.append(([self._special(part.text)], False))
+            else:
+                run.append(part)
+        flush()
         encoded = EncodedSegment(parts, segment.answer, segment.trainable)
         if segment.answer and not self.stop_ids.intersection(encoded.ids()):
             encoded.parts.append(([self.eos_id], False))

@@ -19,6 +19,7 @@ from glmtune.errors import GlmtuneError
 class Part:
     text: str
     content: bool  # True: a message's own text (may be cut); False: template scaffolding (kept whole)
+    special: bool = False  # `text` names one special token, inserted by id (tokenizers may not parse it in text)
 
 
 @dataclass
@@ -119,12 +120,67 @@ class ChatTemplate(Template):
                 "so answers cannot be separated from prompts; use template: plain")
 
 
+class ChatGLMTemplate(Template):
+    """ChatGLM-6B's layout, as its official chat() and P-Tuning scripts build it.
+
+    A lone question is the prompt as it is; earlier turns become `[Round i]\n问：…\n答：…\n` text in front
+    of `[Round n]\n问：{question}\n答：`. The prompt ends with `[gMASK]`; the answer segment starts with
+    `<sop>`, which is a target as in the official training, and the encoder ends it with `<eop>`. The
+    model sees everything before `<sop>` bidirectionally, so a sample holds one answer: earlier answers
+    are prompt text, not trained. A system message goes in front on its own line.
+    """
+
+    name = "chatglm"
+
+    def __init__(self, gmask: str = "[gMASK]", sop: str = "<sop>"):
+        self.gmask, self.sop = gmask, sop
+
+    def render(self, messages: list[Message]) -> list[Segment]:
+        answer = messages[-1] if messages and messages[-1].role == "assistant" else None
+        before = messages[:-1] if answer else messages
+        parts: list[Part] = []
+        rounds: list[list[str]] = []  # [question, answer] pairs, oldest first
+        for message in before:
+            if message.role == "system":
+                parts += [Part(message.content, True), Part("\n", False)]
+            elif message.role == "user":
+                rounds.append([message.content, ""])
+            elif rounds:
+                rounds[-1][1] = message.content
+            else:  # an answer before any question: keep it as context
+                rounds.append(["", message.content])
+        question = rounds.pop()[0] if rounds else ""
+        for i, (q, a) in enumerate(rounds):
+            parts += [Part(f"[Round {i}]\n问：", False), Part(q, True), Part("\n答：", False), Part(a, True),
+                      Part("\n", False)]
+        if rounds:
+            parts += [Part(f"[Round {len(rounds)}]\n问：", False), Part(question, True), Part("\n答：", False)]
+        else:
+            parts.append(Part(question, True))
+        parts = [p for p in parts if p.text]
+        parts.append(Part(self.gmask, False, special=True))
+        sop = Part(self.sop, False, special=True)
+        if answer is None:
+            return [Segment(parts + [sop])]
+        return [Segment(parts), Segment([sop, Part(answer.content, True)], answer=True, trainable=answer.trainable)]
+
+
+FAMILY_TEMPLATES = {"chatglm": ChatGLMTemplate}
+
+
 def get_template(name: str, tokenizer, family: str = "generic") -> Template:
     """The template called `name` ('auto' picks the family's own, else the chat template, else plain)."""
+    own = FAMILY_TEMPLATES.get(family)
+    if own is not None:
+        if name not in ("auto", own.name):
+            raise GlmtuneError(f"a {family} model needs its own prompt layout; use template: {own.name} (or auto)")
+        return own()
     if name == "auto":
         name = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if name == "chat":
         return ChatTemplate(tokenizer)
     if name == "plain":
         return PlainTemplate()
+    if name in {t.name for t in FAMILY_TEMPLATES.values()}:
+        raise GlmtuneError(f"template {name} is for {name} models only; this is a {family} model (use auto)")
     raise GlmtuneError(f"unknown template {name!r}; use auto, chat or plain")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from glmtune.errors import GlmtuneError
 from glmtune.methods.lora import LoraMethod
+from glmtune.methods.ptuning import PTuningMethod
 
-METHODS = {"lora": LoraMethod}
+METHODS = {"lora": LoraMethod, "ptuning": PTuningMethod}
 
 
 def get_method(name: str):

@@ -70,19 +70,39 @@ def check_base_fits(info: dict[str, Any], family: str, fingerprint: dict[str, An
 
 
 def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, dtype: str = "auto",
-                     device: str | None = None):
+                     device: str | None = None, quantization_bit: int | None = None,
+                     pre_seq_len: int | None = None):
     """Base model plus (optionally) an adapter, ready for generation; returns (LoadedModel, adapter info).
 
-    Without `model_name` the base recorded in the adapter is used (or the default model)."""
+    Without `model_name` the base recorded in the adapter is used (or the default model). An official
+    ChatGLM P-Tuning checkpoint folder (no glmtune_adapter.json) is accepted with a model name and, unless
+    its config.json records it, `pre_seq_len`. Without `quantization_bit` the adapter's is used."""
     from glmtune.config import DEFAULT_MODEL
     from glmtune.methods import get_method
+    from glmtune.methods.ptuning import OFFICIAL_FILES, load_official, official_checkpoint_info
     from glmtune.models.loader import default_device, fingerprint, load_model
 
-    info = read_adapter_info(adapter_dir) if adapter_dir else None
+    adapter = Path(adapter_dir) if adapter_dir else None
+    official = (adapter is not None and adapter.is_dir() and not (adapter / ADAPTER_FILE).is_file()
+                and any((adapter / f).is_file() for f in OFFICIAL_FILES))
+    info = read_adapter_info(adapter) if adapter and not official else None
+    if official and not model_name:
+        raise GlmtuneError(f"{adapter} is not a glmtune adapter ({ADAPTER_FILE} is missing); to load it as an "
+                           "official P-Tuning checkpoint, name its base model with --model")
     name = model_name or (info["base_model"] if info else DEFAULT_MODEL)
-    loaded = load_model(name, dtype=dtype, device=device or default_device())
-    if info:
-        check_base_fits(info, loaded.family, fingerprint(loaded.model.config), Path(adapter_dir), name)
-        loaded.model = get_method(info["method"]).load(loaded.model, Path(adapter_dir), info)
+    if quantization_bit is None:
+        quantization_bit = (info or {}).get("quantization_bit", 0)
+    loaded = load_model(name, dtype=dtype, device=device or default_device(), quantization_bit=quantization_bit)
+    if official:
+        info = official_checkpoint_info(adapter, loaded.family, pre_seq_len)
+        if info is None:
+            read_adapter_info(adapter)  # raises the usual "not a glmtune adapter" message
+        loaded.model = load_official(loaded.model, info, adapter)
+    elif info:
+        check_base_fits(info, loaded.family, fingerprint(loaded.model.config), adapter, name)
+        if pre_seq_len is not None and info["method"] == "ptuning" and pre_seq_len != info["parameters"]["pre_seq_len"]:
+            raise GlmtuneError(f"adapter {adapter} has pre_seq_len {info['parameters']['pre_seq_len']}, but "
+                               f"--pre-seq-len {pre_seq_len} was given; leave it out for glmtune adapters")
+        loaded.model = get_method(info["method"]).load(loaded.model, adapter, info)
     loaded.model.eval()
     return loaded, info

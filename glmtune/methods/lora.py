@@ -39,6 +39,7 @@ class LoraMethod:
 
         config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                             target_modules=target_modules(options.lora_target, family), task_type="CAUSAL_LM")
+        _fit_quantized(model, config)
         try:
             return get_peft_model(model, config)
         except ValueError as e:
@@ -51,15 +52,28 @@ class LoraMethod:
 
     def load(self, model, directory: Path, info: dict[str, Any]):
         """The base with the adapter merged in, for generation."""
-        from peft import PeftModel
+        from peft import LoraConfig, PeftModel
 
         try:
-            adapted = PeftModel.from_pretrained(model, directory, is_trainable=False)
+            config = _fit_quantized(model, LoraConfig.from_pretrained(directory))
+            adapted = PeftModel.from_pretrained(model, directory, is_trainable=False, config=config)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise GlmtuneError(f"cannot load the LoRA adapter in {directory}: {e}") from None
         return self.for_inference(adapted)
 
     def for_inference(self, model):
         """Fold the low-rank updates into the base weights: same outputs, and generation no longer pays
-        for two extra small matmuls in every adapted layer at every step."""
+        for two extra small matmuls in every adapted layer at every step. Over a quantized base the
+        adapter stays separate (merging into int weights would round the update away)."""
+        from glmtune.models.quantization import has_quantized_modules
+
+        if has_quantized_modules(model):
+            return model
         return model.merge_and_unload()
+
+
+def _fit_quantized(model, config):
+    """Over quantized layers, peft must use the LoRA layer that refuses to merge into int weights."""
+    from glmtune.models.quantization import has_quantized_modules, register_quantized_lora
+
+    return register_quantized_lora(config) if has_quantized_modules(model) else config

@@ -1,6 +1,6 @@
 """One loader for every model: look at config.json, pick the family, return (model, tokenizer, family).
 
-Families (see docs/methods.md): `chatglm` (ChatGLM-6B v1), `chatglm2` / `chatglm3` (ChatGLM2/3-6B),
+Families (see the status table in README.md): `chatglm` (ChatGLM-6B v1), `chatglm2` / `chatglm3` (ChatGLM2/3-6B),
 `glm4` (GLM-4 in Hugging Face format) and `generic` (anything transformers' AutoModelForCausalLM
 loads). Nothing is loaded with `trust_remote_code`.
 """
@@ -28,6 +28,7 @@ class LoadedModel:
     family: str
     path: Path  # the checkpoint folder
     name: str  # what the user called it (alias or path), recorded in adapters
+    quantization_bit: int = 0  # weight-only quantization of the base (0: none)
 
     @property
     def stop_ids(self) -> set[int]:
@@ -73,10 +74,11 @@ def detect_family(config: dict[str, Any], name: str = "") -> str:
 
 
 NATIVE_FAMILIES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B"}
+IMPLEMENTED_NATIVE = ("chatglm",)
 
 
 def _require_supported(family: str, path: Path) -> None:
-    if family in NATIVE_FAMILIES:
+    if family in NATIVE_FAMILIES and family not in IMPLEMENTED_NATIVE:
         raise GlmtuneError(f"{path} is a {NATIVE_FAMILIES[family]} checkpoint; glmtune's native "
                            f"{NATIVE_FAMILIES[family]} implementation is not part of this version yet, and its "
                            "remote code is never run. Use a transformers-native model for now.")
@@ -100,10 +102,15 @@ def load_tokenizer(name: str) -> tuple[Any, str, Path]:
     path = resolve_model_path(name)
     family = detect_family(read_model_config(path), name)
     _require_supported(family, path)
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if family == "chatglm":
+            from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
+
+            tokenizer = load_chatglm_tokenizer(path)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise GlmtuneError(f"cannot load the tokenizer from {path}: {e}") from None
     if tokenizer.pad_token_id is None:
@@ -128,23 +135,56 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None) -> LoadedModel:
-    """Load weights and tokenizer. `device` None leaves the model on the CPU (the Trainer places it)."""
+def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None,
+               quantization_bit: int = 0) -> LoadedModel:
+    """Load weights and tokenizer. `device` None leaves the model on the CPU (the Trainer places it).
+    `quantization_bit` 8 or 4 quantizes the base's linear layers (native ChatGLM families)."""
     tokenizer, family, path = load_tokenizer(name)
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise GlmtuneError(f"{path} has a config.json but no weight files (*.safetensors or *.bin)")
-    from transformers import AutoModelForCausalLM
-
     torch_dtype = resolve_dtype(dtype, device or default_device())
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
+    if family == "chatglm":
+        model, quantization_bit = _load_chatglm(path, torch_dtype, quantization_bit)
+    else:
+        if quantization_bit:
+            raise GlmtuneError(f"quantization_bit is for the native ChatGLM families; {name} is a {family} model "
+                               "(load it in full precision, quantization_bit: 0)")
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
     if device:
         model.to(device)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, family, path, name)
+    return LoadedModel(model, tokenizer, family, path, name, quantization_bit)
+
+
+def _load_chatglm(path: Path, torch_dtype, quantization_bit: int):
+    """ChatGLM-6B from an official folder (bin shards or safetensors). A checkpoint stored quantized
+    (config quantization_bit 4/8) loads as it is; a full one is quantized after loading when asked."""
+    from glmtune.models.chatglm.configuration import ChatGLMConfig
+    from glmtune.models.chatglm.modeling import ChatGLMForConditionalGeneration
+    from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, quantize_modules
+
+    config = ChatGLMConfig.from_pretrained(path)
+    if getattr(config, "quantization_embeddings", False):
+        raise GlmtuneError(f"{path} stores quantized embeddings (the -qe checkpoints); glmtune reads the int4/int8 "
+                           "checkpoints with full embeddings (chatglm-6b-int4, chatglm-6b-int8)")
+    stored = config.quantization_bit or 0
+    if stored and quantization_bit and quantization_bit != stored:
+        raise GlmtuneError(f"{path} is stored quantized to {stored} bits; it cannot be loaded with "
+                           f"quantization_bit {quantization_bit} (use {stored} or leave it out)")
+    try:
+        model = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
+    if quantization_bit and not stored:
+        quantize_modules(model.transformer, quantization_bit, CHATGLM_QUANTIZED_NAMES)
+        model.config.quantization_bit = quantization_bit
+    return model, stored or quantization_bit
 
 
 def fingerprint(config) -> dict[str, Any]:

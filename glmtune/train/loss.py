@@ -11,6 +11,7 @@ loss and the plain path is used where they disagree.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -57,6 +58,21 @@ class LabelledLossTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fast_loss: bool | None = None if _parts(self.model) else False
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """A plain model that trains a few of its tensors (P-Tuning v2) checkpoints only those: a 6B base
+        is not copied into every checkpoint. Resuming loads them over the same base (non-strictly)."""
+        from peft import PeftModel
+        from safetensors.torch import save_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        params = dict(model.named_parameters())
+        trained = {n: p.detach().cpu().contiguous() for n, p in params.items() if p.requires_grad}
+        if isinstance(model, PeftModel) or state_dict is not None or len(trained) == len(params):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_file(trained, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
 
     def _check_fast_loss(self, model, inputs) -> bool:
         sample = {k: v[:2] for k, v in inputs.items()}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from glmtune.config import TrainConfig, to_yaml
+from glmtune.config import DEFAULT_LEARNING_RATES, TrainConfig, to_yaml
 from glmtune.data.collate import PadCollator
 from glmtune.data.formats import load_samples
 from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport, encode_samples
@@ -135,7 +135,7 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
+        learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATES[cfg.method],
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         num_train_epochs=cfg.num_train_epochs,
@@ -193,7 +193,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     check_report_to(cfg.report_to)
 
     set_seed(cfg.seed)  # before the method initialises its weights, so a seed fixes the whole run
-    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype)
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, quantization_bit=cfg.quantization_bit)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
     encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids)
     limits = _limits(cfg)
@@ -220,7 +220,8 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         method.save(trained_model, directory)
         write_adapter_info(directory, method=cfg.method, family=loaded.family, base_model=loaded.name,
                            fingerprint=fingerprint(loaded.model.config), template=template.name,
-                           parameters=parameters, extra=extra)
+                           parameters=parameters,
+                           extra={"quantization_bit": loaded.quantization_bit, **extra})
 
     from transformers.trainer_callback import PrinterCallback
 

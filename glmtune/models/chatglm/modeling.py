@@ -21,6 +21,7 @@ Attention masks arrive as None (derived from the ids, as the official model does
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from glmtune.models.chatglm.configuration import ChatGLMConfig
 from glmtune.models.prefix import PrefixEncoder
+from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, empty_quantized_modules
 
 MASKED_SCORE = -10000.0  # the official fill value for blocked attention scores
 PREFIX_DROPOUT = 0.1  # the official dropout on the P-Tuning prefix while training
@@ -209,12 +211,20 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.prefix_encoder = None
         if config.pre_seq_len:
-            width = config.num_layers * 2 * config.hidden_size  # a key and a value of every layer
-            mid = config.prefix_hidden_size or config.hidden_size
-            self.prefix_encoder = PrefixEncoder(config.pre_seq_len, width, projection=config.prefix_projection,
-                                                embed_width=config.hidden_size, hidden_width=mid)
-            self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
+            self.enable_prefix(config.pre_seq_len, projection=config.prefix_projection,
+                               hidden_size=config.prefix_hidden_size)
         self.post_init()
+
+    def enable_prefix(self, pre_seq_len: int, *, projection: bool = False, hidden_size: int | None = None) -> None:
+        """Add a freshly initialised P-Tuning v2 prefix encoder (in fp32, so it can train under mixed
+        precision) and record its shape in the config."""
+        config = self.config
+        config.pre_seq_len, config.prefix_projection, config.prefix_hidden_size = pre_seq_len, projection, hidden_size
+        width = config.num_layers * 2 * config.hidden_size  # a key and a value of every layer
+        self.prefix_encoder = PrefixEncoder(pre_seq_len, width, projection=projection, embed_width=config.hidden_size,
+                                            hidden_width=hidden_size or config.hidden_size)
+        self.prefix_encoder.to(self.word_embeddings.weight.device)
+        self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
 
     def get_input_embeddings(self):
         return self.word_embeddings
@@ -320,6 +330,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.quantization_bit:
+            # Stored quantized (chatglm-6b-int4 / -int8): int weights and per-row scales load by name.
+            empty_quantized_modules(self.transformer, config.quantization_bit, CHATGLM_QUANTIZED_NAMES)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -439,3 +452,30 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if mask is not None:
             model_kwargs["official_attention_mask"] = mask
         return model_kwargs
+
+    # ------------------------------------------------------------ the official convenience API
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query: str, history: list[tuple[str, str]] | None = None, *, max_length: int = 2048,
+             do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95, **generate_kwargs):
+        """Answer `query` after `history` ([(question, answer), ...]) in the official `[Round i]` format, with
+        the official sampling defaults; returns (answer, history + [(query, answer)])."""
+        from glmtune.models.chatglm.tokenization import build_chat_prompt
+
+        history = list(history or [])
+        inputs = tokenizer([build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
+        output = self.generate(**inputs, max_length=max_length, do_sample=do_sample, top_p=top_p,
+                               temperature=temperature, **generate_kwargs)
+        answer = tidy_response(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:].tolist()))
+        return answer, history + [(query, answer)]
+
+
+def tidy_response(text: str) -> str:
+    """What the official chat() does to an answer: strip it, fill in the training-date placeholder, and use
+    full-width punctuation next to Chinese characters."""
+    text = text.strip().replace("[[训练时间]]", "2023年")
+    for ascii_mark, wide_mark in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？")):
+        mark = re.escape(ascii_mark)
+        text = re.sub(rf"([\u4e00-\u9fff]){mark}", rf"\1{wide_mark}", text)
+        text = re.sub(rf"{mark}([\u4e00-\u9fff])", rf"{wide_mark}\1", text)
+    return text

@@ -1,0 +1,156 @@
+"""P-Tuning v2: a trained key/value prefix in front of every layer; the base model stays frozen.
+
+The native ChatGLM models carry the prefix encoder themselves (`model.transformer.prefix_encoder`, as in
+the official code), so an adapter is just the prefix weights under their official names plus the
+parameters that shaped them. Official P-Tuning checkpoints (a `pytorch_model.bin` holding
+`transformer.prefix_encoder.*`) load too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmtune.errors import GlmtuneError
+
+PREFIX_FAMILIES = ("chatglm",)  # families whose model has a built-in prefix encoder
+WEIGHTS_FILE = "prefix_encoder.safetensors"
+OFFICIAL_FILES = ("pytorch_model.bin", "model.safetensors")
+KEY_PREFIX = "transformer.prefix_encoder."
+
+
+def check_family(family: str) -> None:
+    if family not in PREFIX_FAMILIES:
+        raise GlmtuneError(f"P-Tuning v2 is not available for the {family} family in this version of glmtune "
+                           f"(it is for: {', '.join(PREFIX_FAMILIES)}); use method: lora")
+
+
+def _enable(model, parameters: dict[str, Any]) -> None:
+    limit = getattr(model.config, "max_sequence_length", None)
+    pre_seq_len = parameters["pre_seq_len"]
+    if limit and pre_seq_len >= limit:
+        raise GlmtuneError(f"pre_seq_len {pre_seq_len} leaves no room for text: the model's context is {limit} "
+                           "tokens; use a prefix of a few hundred tokens at most")
+    model.transformer.enable_prefix(pre_seq_len, projection=parameters["prefix_projection"],
+                                    hidden_size=parameters.get("prefix_hidden_size"))
+
+
+def prefix_state(model) -> dict[str, torch.Tensor]:
+    return {KEY_PREFIX + k: v.detach().float().contiguous().cpu()
+            for k, v in model.transformer.prefix_encoder.state_dict().items()}
+
+
+def _load_prefix(model, state: dict[str, torch.Tensor], directory: Path, parameters: dict[str, Any]) -> None:
+    state = {k.removeprefix(KEY_PREFIX): v for k, v in state.items() if k.startswith(KEY_PREFIX)}
+    if not state:
+        raise GlmtuneError(f"{directory} holds no prefix encoder weights ({KEY_PREFIX}*)")
+    encoder = model.transformer.prefix_encoder
+    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found.keys() != expected.keys():
+        kind = "with" if "trans.0.weight" in found else "without"
+        raise GlmtuneError(f"the prefix in {directory} was trained {kind} prefix_projection, but "
+                           f"prefix_projection is {parameters['prefix_projection']}; set it to match")
+    rows = found["embedding.weight"][0]
+    if rows != parameters["pre_seq_len"]:
+        raise GlmtuneError(f"the prefix in {directory} has pre_seq_len {rows}, but pre_seq_len "
+                           f"{parameters['pre_seq_len']} was asked for; use --pre-seq-len {rows}")
+    wrong = {k: (found[k], v) for k, v in expected.items() if found[k] != v}
+    if wrong:
+        details = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in wrong.items())
+        raise GlmtuneError(f"the prefix in {directory} does not fit this base model ({details}); it was "
+                           "trained on a model of another size")
+    encoder.load_state_dict({k: v.to(encoder.embedding.weight.dtype) for k, v in state.items()})
+
+
+class PTuningMethod:
+    name = "ptuning"
+
+    def parameters(self, options, family: str) -> dict[str, Any]:
+        return {"pre_seq_len": options.pre_seq_len, "prefix_projection": options.prefix_projection,
+                "prefix_hidden_size": options.prefix_hidden_size}
+
+    def apply(self, model, options, family: str):
+        check_family(family)
+        parameters = self.parameters(options, family)
+        _enable(model, parameters)
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith(KEY_PREFIX)
+        return model
+
+    def save(self, model, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(prefix_state(model), str(Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    def load(self, model, directory: Path, info: dict[str, Any]):
+        from safetensors.torch import load_file
+
+        check_family(info["family"])
+        parameters = info["parameters"]
+        _enable(model, parameters)
+        path = Path(directory) / WEIGHTS_FILE
+        if not path.is_file():
+            raise GlmtuneError(f"{directory} lacks {WEIGHTS_FILE}; the adapter folder is damaged")
+        _load_prefix(model, load_file(path), Path(directory), parameters)
+        return self.for_inference(model)
+
+    def for_inference(self, model):
+        return model  # the prefix is already part of every forward
+
+
+def official_checkpoint_info(directory: Path, family: str, pre_seq_len: int | None) -> dict[str, Any] | None:
+    """Adapter info for an official P-Tuning checkpoint folder, or None when it is not one.
+
+    Such a folder has `pytorch_model.bin` (or model.safetensors) with the prefix weights and, when the
+    Trainer wrote it, a config.json with pre_seq_len and prefix_projection; --pre-seq-len wins over it
+    and must match the weights."""
+    weights = next((directory / f for f in OFFICIAL_FILES if (directory / f).is_file()), None)
+    if weights is None:
+        return None
+    state = read_weights(weights)
+    if not any(k.startswith(KEY_PREFIX) for k in state):
+        return None
+    config: dict[str, Any] = {}
+    if (directory / "config.json").is_file():
+        try:
+            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            config = {}
+    rows = int(state[KEY_PREFIX + "embedding.weight"].shape[0]) if KEY_PREFIX + "embedding.weight" in state else None
+    recorded = config.get("pre_seq_len")
+    if pre_seq_len is None and recorded is None:
+        raise GlmtuneError(f"{directory} is an official P-Tuning checkpoint; give its prefix length with "
+                           f"--pre-seq-len (its weights have {rows} rows)")
+    wanted = pre_seq_len if pre_seq_len is not None else recorded
+    return {
+        "method": "ptuning",
+        "family": family,
+        "base_model": None,
+        "template": "auto",
+        "parameters": {"pre_seq_len": int(wanted),
+                       "prefix_projection": KEY_PREFIX + "trans.0.weight" in state,
+                       "prefix_hidden_size": None},
+        "official_weights": str(weights),
+    }
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: say which and why
+        raise GlmtuneError(f"cannot read {path}: {e}") from None
+
+
+def load_official(model, info: dict[str, Any], directory: Path):
+    parameters = info["parameters"]
+    _enable(model, parameters)
+    _load_prefix(model, read_weights(Path(info["official_weights"])), directory, parameters)
+    return model
