@@ -245,3 +245,35 @@ def test_terminal_chat_keeps_rounds(tiny_chatglm_dir):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("assistant> ") == 2
+
+
+@pytest.mark.parametrize("name", ["lora", "ptuning"])
+def test_gradient_checkpointing_trains_the_same(tiny_chatglm_dir, small_data, tmp_path, name):
+    options = dict(max_steps=3, save_steps=3, eval_on_start=False, dev_file=None, **METHODS[name])
+    train = (small_data[0], None)
+    plain = _train(tiny_chatglm_dir, train, tmp_path / "plain", **options)
+    checkpointed = _train(tiny_chatglm_dir, train, tmp_path / "checkpointed", gradient_checkpointing=True, **options)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.model.modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.model.modules())
+    first, second = _log(plain.output_dir, "loss"), _log(checkpointed.output_dir, "loss")
+    assert len(first) == 3
+    assert first == pytest.approx(second, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights_run_and_stay_close(tiny_chatglm_dir, dtype):
+    from glmtune.models.loader import load_model
+
+    full = load_model(str(tiny_chatglm_dir)).model.eval()
+    half = load_model(str(tiny_chatglm_dir), dtype=dtype).model.eval()
+    assert half.transformer.word_embeddings.weight.dtype == getattr(torch, dtype)
+    ids = torch.tensor([[3, 5, 74874, 130001, 130004], [5, 74874, 6, 130001, 130004]])
+    mask = (ids != 3).long()
+    with torch.no_grad():
+        expected = full(ids, attention_mask=mask).logits
+        actual = half(ids, attention_mask=mask).logits.float()
+        generated = half.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    valid = mask.bool()
+    relative = ((actual - expected)[valid].norm() / expected[valid].norm()).item()
+    assert relative < 0.05
+    assert generated.shape == (2, 8)
