@@ -99,3 +99,29 @@ def trained_run(tmp_path_factory, tiny_model_dir, small_data):
                          learning_rate=3e-2, lora_target="all-linear", logging_steps=1, eval_steps=6, eval_each_epoch=False,
                          save_steps=6, eval_on_start=True, warmup_ratio=0.0)
     return run_training(config)
+
+
+@pytest.fixture
+def check_checkpointing():
+    """check(model, batch): the loss and every gradient are the same with gradient checkpointing on."""
+
+    def loss_and_grads(model, batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def check(model, batch):
+        import torch
+
+        plain_loss, plain_grads = loss_and_grads(model, batch)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert model.transformer.gradient_checkpointing
+        ckpt_loss, ckpt_grads = loss_and_grads(model, batch)
+        assert abs(plain_loss - ckpt_loss) < 1e-6
+        assert plain_grads and plain_grads.keys() == ckpt_grads.keys()
+        for name, grad in plain_grads.items():
+            assert torch.allclose(grad, ckpt_grads[name], atol=1e-5), name
+        return ckpt_grads
+
+    return check

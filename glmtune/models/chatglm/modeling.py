@@ -26,12 +26,12 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn import CrossEntropyLoss
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from glmtune.models.chatglm.configuration import ChatGLMConfig
+from glmtune.models.native import layer_prefixes, next_token_loss
 from glmtune.models.prefix import PrefixEncoder
 from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, empty_quantized_modules
 
@@ -238,9 +238,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         tokens = torch.arange(config.pre_seq_len, device=device)[None]
         flat = self.prefix_encoder(tokens).to(dtype).expand(batch, -1, -1)
         flat = self.prefix_dropout(flat)  # per sample, as the official code drops out the batch copy
-        kv = flat.reshape(batch, config.pre_seq_len, 2 * config.num_layers, config.num_attention_heads,
-                          config.head_dim).permute(2, 0, 3, 1, 4)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+        return layer_prefixes(flat, config.num_layers, config.num_attention_heads, config.head_dim)
 
     def forward(
         self,
@@ -373,12 +371,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            # Token t predicts token t+1; the mean over labelled positions, computed in fp32.
-            shifted = logits[:, :-1].float()
-            loss = CrossEntropyLoss(ignore_index=-100)(shifted.reshape(-1, shifted.size(-1)),
-                                                       labels[:, 1:].reshape(-1).to(logits.device))
+        loss = next_token_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
