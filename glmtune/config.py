@@ -21,7 +21,7 @@ import yaml
 from glmtune.errors import GlmtuneError
 
 DEFAULT_MODEL = "smollm2-135m"
-TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm")
+TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3")
 DEFAULT_LEARNING_RATES = {"lora": 2e-4, "ptuning": 2e-2}
 
 
@@ -37,13 +37,15 @@ class ModelOptions:
     model: str = option(DEFAULT_MODEL, "Local checkpoint folder, or the alias smollm2-135m (the embedded default model).")
     template: str = option("auto", "Prompt format: auto (the family's format, else the tokenizer's chat template, "
                            "else plain), chat (the tokenizer's chat template), plain (prompt then answer), "
-                           "chatglm (ChatGLM-6B: [Round i] history, answer after [gMASK] <sop>).",
+                           "and the ChatGLM families' own: chatglm ([Round i] history, answer after [gMASK] <sop>), "
+                           "chatglm2 ([Round i] from 1), chatglm3 (role tokens).",
                            choices=TEMPLATE_CHOICES)
     dtype: str = option("auto", "Weight dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it, else float16.",
                         choices=("auto", "float32", "float16", "bfloat16"))
-    quantization_bit: int = option(0, "Weight-only quantization of the frozen base (ChatGLM-6B): 8 or 4 bits with "
+    quantization_bit: int = option(0, "Weight-only quantization of the frozen base (ChatGLM-6B/2/3): 8 or 4 bits with "
                                    "per-row scales as the official code; 0 keeps full weights. Checkpoints stored "
-                                   "quantized (chatglm-6b-int4/int8) are read as they are.", choices=(0, 4, 8))
+                                   "quantized (e.g. chatglm-6b-int4, chatglm2-6b-int4) are read as they are.",
+                                   choices=(0, 4, 8))
 
 
 @dataclass
@@ -64,7 +66,7 @@ class DataOptions:
 @dataclass
 class MethodOptions:
     method: str = option("lora", "Fine-tuning method: lora, or ptuning (P-Tuning v2: a trained key/value prefix "
-                         "in every layer; ChatGLM-6B).", choices=("lora", "ptuning"))
+                         "in every layer; ChatGLM-6B/2/3).", choices=("lora", "ptuning"))
     lora_rank: int = option(8, "LoRA rank r.", minimum=1)
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank.", above=0)
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.99)

@@ -125,3 +125,32 @@ def check_checkpointing():
         return ckpt_grads
 
     return check
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """train(model_dir, (train, dev), out, **options) -> TrainResult: a short run with per-step logging."""
+    from glmtune.config import TrainConfig
+    from glmtune.train.trainer import run_training
+
+    def train(model_dir, data, out, **options):
+        train_file, dev_file = data
+        settings = dict(model=str(model_dir), train_file=str(train_file),
+                        dev_file=str(dev_file) if dev_file else None, output_dir=str(out), max_steps=8,
+                        batch_size=4, logging_steps=1, eval_each_epoch=False, eval_on_start=bool(dev_file),
+                        save_steps=8)
+        settings.update(options)
+        return run_training(TrainConfig(**settings))
+
+    return train
+
+
+def logged(run_dir, key):
+    """Every value of `key` in a run's train_log.jsonl, in order."""
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows if key in row]
+
+
+@pytest.fixture(scope="session")
+def log_values():
+    return logged

@@ -174,7 +174,8 @@ def test_the_real_6b_configs_build_with_the_official_shapes(name):
     assert round(total / 1e9, 2) == 6.24
     assert params["transformer.embedding.word_embeddings.weight"].shape == (65024, 4096)
     assert params["transformer.output_layer.weight"].shape == (65024, 4096)  # untied
-    assert params["transformer.encoder.layers.0.self_attention.query_key_value.weight"].shape == (4096 + 2 * 2 * 128, 4096)
+    qkv = params["transformer.encoder.layers.0.self_attention.query_key_value.weight"]
+    assert qkv.shape == (4096 + 2 * 2 * 128, 4096)  # 32 query heads, 2 key/value groups of 128
     assert params["transformer.encoder.layers.0.self_attention.query_key_value.bias"].shape == (4608,)
     assert params["transformer.encoder.layers.27.mlp.dense_h_to_4h.weight"].shape == (2 * 13696, 4096)
     assert params["transformer.encoder.layers.27.mlp.dense_4h_to_h.weight"].shape == (4096, 13696)

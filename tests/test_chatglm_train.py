@@ -36,23 +36,6 @@ def tiny_chatglm_dir(tmp_path_factory):
     return _save_checkpoint(ChatGLMForConditionalGeneration(config), tmp_path_factory.mktemp("tiny-chatglm"))
 
 
-def _train(model_dir, data, out, **options):
-    from glmtune.config import TrainConfig
-    from glmtune.train.trainer import run_training
-
-    train, dev = data
-    settings = dict(model=str(model_dir), train_file=str(train), dev_file=str(dev), output_dir=str(out),
-                    max_steps=8, batch_size=4, logging_steps=1, eval_each_epoch=False, eval_on_start=True,
-                    save_steps=8)
-    settings.update(options)
-    return run_training(TrainConfig(**settings))
-
-
-def _log(run_dir, key):
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [row[key] for row in rows if key in row]
-
-
 METHODS = {
     "lora": dict(method="lora", learning_rate=2e-2, lora_dropout=0.0),
     "ptuning": dict(method="ptuning", pre_seq_len=8, learning_rate=0.1),
@@ -62,8 +45,8 @@ METHODS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_chatglm_dir, small_data, tmp_path_factory):
-    return {name: _train(tiny_chatglm_dir, small_data, tmp_path_factory.mktemp(name) / "out", **options)
+def runs(tiny_chatglm_dir, small_data, tmp_path_factory, train_tiny):
+    return {name: train_tiny(tiny_chatglm_dir, small_data, tmp_path_factory.mktemp(name) / "out", **options)
             for name, options in METHODS.items()}
 
 
@@ -76,16 +59,16 @@ def _prompts(small_data):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_tiny_chatglm_trains_saves_reloads_and_generates_identically(runs, name, small_data):
+def test_tiny_chatglm_trains_saves_reloads_and_generates_identically(runs, name, small_data, log_values):
     from glmtune.evaluate.generate import Generator, Sampling
     from glmtune.methods import get_method
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
     from glmtune.models.loader import LoadedModel, load_tokenizer
 
     run = runs[name]
-    losses = _log(run.output_dir, "loss")
+    losses = log_values(run.output_dir, "loss")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    eval_losses = _log(run.output_dir, "eval_loss")
+    eval_losses = log_values(run.output_dir, "eval_loss")
     assert eval_losses[-1] < eval_losses[0]
 
     info = read_adapter_info(run.adapter_dir)
@@ -152,7 +135,8 @@ def test_official_ptuning_checkpoint_loads_with_pre_seq_len(runs, tiny_chatglm_d
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_base_stays_close_and_trains_with_both_methods(tiny_chatglm_dir, small_data, tmp_path, bits):
+def test_quantized_base_stays_close_and_trains_with_both_methods(tiny_chatglm_dir, small_data, tmp_path, bits,
+                                                                  train_tiny, log_values):
     from glmtune.models.loader import load_model
     from glmtune.models.quantization import QuantizedLinear
 
@@ -166,9 +150,9 @@ def test_quantized_base_stays_close_and_trains_with_both_methods(tiny_chatglm_di
     assert relative < {8: 0.02, 4: 0.3}[bits]
 
     for name in ("lora", "ptuning"):
-        run = _train(tiny_chatglm_dir, small_data, tmp_path / f"{name}-{bits}", quantization_bit=bits,
+        run = train_tiny(tiny_chatglm_dir, small_data, tmp_path / f"{name}-{bits}", quantization_bit=bits,
                      max_steps=6, save_steps=6, **METHODS[name])
-        eval_losses = _log(run.output_dir, "eval_loss")
+        eval_losses = log_values(run.output_dir, "eval_loss")
         assert eval_losses[-1] < eval_losses[0], name
         from glmtune.methods.adapter import load_tuned_model
 
@@ -248,14 +232,15 @@ def test_terminal_chat_keeps_rounds(tiny_chatglm_dir):
 
 
 @pytest.mark.parametrize("name", ["lora", "ptuning"])
-def test_gradient_checkpointing_trains_the_same(tiny_chatglm_dir, small_data, tmp_path, name):
+def test_gradient_checkpointing_trains_the_same(tiny_chatglm_dir, small_data, tmp_path, name, train_tiny, log_values):
     options = dict(max_steps=3, save_steps=3, eval_on_start=False, dev_file=None, **METHODS[name])
     train = (small_data[0], None)
-    plain = _train(tiny_chatglm_dir, train, tmp_path / "plain", **options)
-    checkpointed = _train(tiny_chatglm_dir, train, tmp_path / "checkpointed", gradient_checkpointing=True, **options)
+    plain = train_tiny(tiny_chatglm_dir, train, tmp_path / "plain", **options)
+    checkpointed = train_tiny(tiny_chatglm_dir, train, tmp_path / "checkpointed", gradient_checkpointing=True,
+                              **options)
     assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.model.modules())
     assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.model.modules())
-    first, second = _log(plain.output_dir, "loss"), _log(checkpointed.output_dir, "loss")
+    first, second = log_values(plain.output_dir, "loss"), log_values(checkpointed.output_dir, "loss")
     assert len(first) == 3
     assert first == pytest.approx(second, abs=1e-4)
 

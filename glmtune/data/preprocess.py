@@ -130,6 +130,9 @@ class Encoder:
             if part.special:
                 flush()
                 parts.append(([self._special(part.text)], False))
+            elif part.separate:
+                flush()
+                parts.append((self._tokens(part.text), part.content))
             else:
                 run.append(part)
         flush()

@@ -20,6 +20,7 @@ class Part:
     text: str
     content: bool  # True: a message's own text (may be cut); False: template scaffolding (kept whole)
     special: bool = False  # `text` names one special token, inserted by id (tokenizers may not parse it in text)
+    separate: bool = False  # tokenized on its own, not joined with its neighbours (as the official code does)
 
 
 @dataclass
@@ -120,6 +121,25 @@ class ChatTemplate(Template):
                 "so answers cannot be separated from prompts; use template: plain")
 
 
+def _question_rounds(messages: list[Message]) -> tuple[Message | None, list[Part], list[list[str]], str]:
+    """For the [Round i] layouts: (the answer to train or None, system parts, earlier [question, answer]
+    rounds oldest first, the question to answer)."""
+    answer = messages[-1] if messages and messages[-1].role == "assistant" else None
+    system: list[Part] = []
+    rounds: list[list[str]] = []
+    for message in messages[:-1] if answer else messages:
+        if message.role == "system":
+            system += [Part(message.content, True), Part("\n", False)]
+        elif message.role == "user":
+            rounds.append([message.content, ""])
+        elif rounds:
+            rounds[-1][1] = message.content
+        else:  # an answer before any question: keep it as context
+            rounds.append(["", message.content])
+    question = rounds.pop()[0] if rounds else ""
+    return answer, system, rounds, question
+
+
 class ChatGLMTemplate(Template):
     """ChatGLM-6B's layout, as its official chat() and P-Tuning scripts build it.
 
@@ -136,20 +156,7 @@ class ChatGLMTemplate(Template):
         self.gmask, self.sop = gmask, sop
 
     def render(self, messages: list[Message]) -> list[Segment]:
-        answer = messages[-1] if messages and messages[-1].role == "assistant" else None
-        before = messages[:-1] if answer else messages
-        parts: list[Part] = []
-        rounds: list[list[str]] = []  # [question, answer] pairs, oldest first
-        for message in before:
-            if message.role == "system":
-                parts += [Part(message.content, True), Part("\n", False)]
-            elif message.role == "user":
-                rounds.append([message.content, ""])
-            elif rounds:
-                rounds[-1][1] = message.content
-            else:  # an answer before any question: keep it as context
-                rounds.append(["", message.content])
-        question = rounds.pop()[0] if rounds else ""
+        answer, parts, rounds, question = _question_rounds(messages)
         for i, (q, a) in enumerate(rounds):
             parts += [Part(f"[Round {i}]\n问：", False), Part(q, True), Part("\n答：", False), Part(a, True),
                       Part("\n", False)]
@@ -165,7 +172,62 @@ class ChatGLMTemplate(Template):
         return [Segment(parts), Segment([sop, Part(answer.content, True)], answer=True, trainable=answer.trainable)]
 
 
-FAMILY_TEMPLATES = {"chatglm": ChatGLMTemplate}
+class ChatGLM2Template(Template):
+    """ChatGLM2-6B's layout, as its official tokenizer's `build_prompt` and P-Tuning script build it.
+
+    The prompt is `[gMASK] sop` then `[Round 1]\n\n问：{question}\n\n答：`, earlier turns in front as
+    `[Round i]\n\n问：…\n\n答：…\n\n` (rounds count from 1, also for a lone question). The answer follows
+    and the encoder ends it with the eos token. As in ChatGLM-6B one sample trains one answer: earlier
+    answers are prompt text. A system message goes in front on its own line.
+    """
+
+    name = "chatglm2"
+
+    def render(self, messages: list[Message]) -> list[Segment]:
+        answer, system, rounds, question = _question_rounds(messages)
+        parts = [Part("[gMASK]", False, special=True), Part("sop", False, special=True)] + system
+        for i, (q, a) in enumerate(rounds, start=1):
+            parts += [Part(f"[Round {i}]\n\n问：", False), Part(q, True), Part("\n\n答：", False), Part(a, True),
+                      Part("\n\n", False)]
+        parts += [Part(f"[Round {len(rounds) + 1}]\n\n问：", False), Part(question, True), Part("\n\n答：", False)]
+        parts = [p for p in parts if p.text]
+        if answer is None:
+            return [Segment(parts)]
+        return [Segment(parts), Segment([Part(answer.content, True)], answer=True, trainable=answer.trainable)]
+
+
+class ChatGLM3Template(Template):
+    """ChatGLM3-6B's role-token layout, as its official `build_chat_input` and fine-tuning script build it.
+
+    `[gMASK] sop`, then per message its role token, `\n` and the text (each tokenized on its own); a prompt
+    for generation ends with `<|assistant|>`. Every assistant turn trains (the loss is on assistant turns
+    only). As in the official fine-tuning, the targets of a turn are its `\n`, its text and the token that
+    follows it: the next role token (`<|user|>`, a stop token) or, after the last turn, eos.
+    """
+
+    name = "chatglm3"
+
+    def render(self, messages: list[Message]) -> list[Segment]:
+        segments: list[Segment] = []
+        pending = [Part("[gMASK]", False, special=True), Part("sop", False, special=True)]
+        for i, message in enumerate(messages):
+            role = Part(f"<|{message.role}|>", False, special=True)
+            body = [Part("\n", False, separate=True), Part(message.content, True, separate=True)]
+            if message.role != "assistant":
+                after_answer = i > 0 and messages[i - 1].role == "assistant"
+                pending += ([] if after_answer else [role]) + body  # an answer segment already holds its role
+                continue
+            segments.append(Segment(pending + [role]))
+            pending = []
+            if i + 1 < len(messages):
+                body.append(Part(f"<|{messages[i + 1].role}|>", False, special=True))
+            segments.append(Segment(body, answer=True, trainable=message.trainable))
+        if pending:
+            segments.append(Segment(pending + [Part("<|assistant|>", False, special=True)]))
+        return segments
+
+
+FAMILY_TEMPLATES = {"chatglm": ChatGLMTemplate, "chatglm2": ChatGLM2Template, "chatglm3": ChatGLM3Template}
 
 
 def get_template(name: str, tokenizer, family: str = "generic") -> Template:

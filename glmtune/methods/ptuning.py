@@ -16,7 +16,7 @@ import torch
 
 from glmtune.errors import GlmtuneError
 
-PREFIX_FAMILIES = ("chatglm",)  # families whose model has a built-in prefix encoder
+PREFIX_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # families whose model has a built-in prefix encoder
 WEIGHTS_FILE = "prefix_encoder.safetensors"
 OFFICIAL_FILES = ("pytorch_model.bin", "model.safetensors")
 KEY_PREFIX = "transformer.prefix_encoder."
@@ -29,7 +29,7 @@ def check_family(family: str) -> None:
 
 
 def _enable(model, parameters: dict[str, Any]) -> None:
-    limit = getattr(model.config, "max_sequence_length", None)
+    limit = getattr(model.config, "max_position_embeddings", None)
     pre_seq_len = parameters["pre_seq_len"]
     if limit and pre_seq_len >= limit:
         raise GlmtuneError(f"pre_seq_len {pre_seq_len} leaves no room for text: the model's context is {limit} "

@@ -74,19 +74,10 @@ def detect_family(config: dict[str, Any], name: str = "") -> str:
 
 
 NATIVE_FAMILIES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B"}
-IMPLEMENTED_NATIVE = ("chatglm",)
-
-
-def _require_supported(family: str, path: Path) -> None:
-    if family in NATIVE_FAMILIES and family not in IMPLEMENTED_NATIVE:
-        raise GlmtuneError(f"{path} is a {NATIVE_FAMILIES[family]} checkpoint; glmtune's native "
-                           f"{NATIVE_FAMILIES[family]} implementation is not part of this version yet, and its "
-                           "remote code is never run. Use a transformers-native model for now.")
-
-
 def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
-    """Tokens that end an answer: the tokenizer's eos and every eos the generation config names."""
-    ids = set()
+    """Tokens that end an answer: the tokenizer's eos and stop tokens, and every eos the generation config
+    names."""
+    ids = set(getattr(tokenizer, "stop_token_ids", None) or ())  # e.g. ChatGLM3's <|user|> and <|observation|>
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     eos = getattr(generation_config, "eos_token_id", None)
@@ -101,12 +92,17 @@ def load_tokenizer(name: str) -> tuple[Any, str, Path]:
     """(tokenizer, family, checkpoint folder), without loading any weights."""
     path = resolve_model_path(name)
     family = detect_family(read_model_config(path), name)
-    _require_supported(family, path)
     try:
         if family == "chatglm":
             from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
 
             tokenizer = load_chatglm_tokenizer(path)
+        elif family in NATIVE_FAMILIES:
+            from glmtune.models.chatglm2.tokenization import guess_family, load_chatglm2_tokenizer
+
+            if family == "chatglm2" and (path / "tokenizer.model").is_file():
+                family = guess_family(path)  # ChatGLM3's tokenizer config can tell what its config.json does not
+            tokenizer = load_chatglm2_tokenizer(path, family)
         else:
             from transformers import AutoTokenizer
 
@@ -143,8 +139,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise GlmtuneError(f"{path} has a config.json but no weight files (*.safetensors or *.bin)")
     torch_dtype = resolve_dtype(dtype, device or default_device())
-    if family == "chatglm":
-        model, quantization_bit = _load_chatglm(path, torch_dtype, quantization_bit)
+    if family in NATIVE_FAMILIES:
+        model, quantization_bit = _load_native(path, family, torch_dtype, quantization_bit)
     else:
         if quantization_bit:
             raise GlmtuneError(f"quantization_bit is for the native ChatGLM families; {name} is a {family} model "
@@ -157,32 +153,49 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
             raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
     if device:
         model.to(device)
+    if family == "chatglm3":  # end answers where the official chat() does
+        model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, family, path, name, quantization_bit)
 
 
-def _load_chatglm(path: Path, torch_dtype, quantization_bit: int):
-    """ChatGLM-6B from an official folder (bin shards or safetensors). A checkpoint stored quantized
-    (config quantization_bit 4/8) loads as it is; a full one is quantized after loading when asked."""
-    from glmtune.models.chatglm.configuration import ChatGLMConfig
-    from glmtune.models.chatglm.modeling import ChatGLMForConditionalGeneration
+def _native_classes(family: str):
+    """(config class, model class, the module whose linear layers quantization replaces) of a family."""
+    if family == "chatglm":
+        from glmtune.models.chatglm.configuration import ChatGLMConfig
+        from glmtune.models.chatglm.modeling import ChatGLMForConditionalGeneration
+
+        return ChatGLMConfig, ChatGLMForConditionalGeneration, lambda model: model.transformer
+    from glmtune.models.chatglm2.configuration import ChatGLM2Config
+    from glmtune.models.chatglm2.modeling import ChatGLM2ForConditionalGeneration
+
+    return ChatGLM2Config, ChatGLM2ForConditionalGeneration, lambda model: model.transformer.encoder
+
+
+def _load_native(path: Path, family: str, torch_dtype, quantization_bit: int):
+    """A native ChatGLM family from an official folder (bin shards or safetensors). A checkpoint stored
+    quantized (config quantization_bit 4/8) loads as it is; a full one is quantized after loading when
+    asked."""
     from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, quantize_modules
 
-    config = ChatGLMConfig.from_pretrained(path)
+    config_class, model_class, quantized_part = _native_classes(family)
+    config = config_class.from_pretrained(path)
+    if family == "chatglm2":
+        config.rope_interpolates_positions = True  # ChatGLM2's -32k stretches positions; ChatGLM3's the base
     if getattr(config, "quantization_embeddings", False):
         raise GlmtuneError(f"{path} stores quantized embeddings (the -qe checkpoints); glmtune reads the int4/int8 "
-                           "checkpoints with full embeddings (chatglm-6b-int4, chatglm-6b-int8)")
+                           "checkpoints with full embeddings (e.g. chatglm-6b-int4, chatglm2-6b-int4)")
     stored = config.quantization_bit or 0
     if stored and quantization_bit and quantization_bit != stored:
         raise GlmtuneError(f"{path} is stored quantized to {stored} bits; it cannot be loaded with "
                            f"quantization_bit {quantization_bit} (use {stored} or leave it out)")
     try:
-        model = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=torch_dtype)
+        model = model_class.from_pretrained(path, config=config, dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
     if quantization_bit and not stored:
-        quantize_modules(model.transformer, quantization_bit, CHATGLM_QUANTIZED_NAMES)
+        quantize_modules(quantized_part(model), quantization_bit, CHATGLM_QUANTIZED_NAMES)
         model.config.quantization_bit = quantization_bit
     return model, stored or quantization_bit
 
