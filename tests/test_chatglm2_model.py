@@ -180,3 +180,23 @@ def test_the_real_6b_configs_build_with_the_official_shapes(name):
     assert params["transformer.encoder.layers.27.mlp.dense_h_to_4h.weight"].shape == (2 * 13696, 4096)
     assert params["transformer.encoder.layers.27.mlp.dense_4h_to_h.weight"].shape == (4096, 13696)
     assert params["transformer.encoder.final_layernorm.weight"].shape == (4096,)
+
+
+@pytest.mark.parametrize("options", [
+    dict(rmsnorm=False, post_layer_norm=False, add_bias_linear=True),
+    dict(apply_residual_connection_post_layernorm=True, multi_query_attention=True, multi_query_group_num=1),
+    dict(multi_query_attention=True, multi_query_group_num=4, hidden_dropout=0.1),
+])
+def test_every_config_switch_builds_runs_and_generates_with_a_cache(options):
+    model = _tiny(**options)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.isfinite(logits).all()
+    assert torch.equal(cached, uncached)
+    names = dict(model.named_parameters())
+    assert ("transformer.encoder.layers.0.input_layernorm.bias" in names) == (not model.config.rmsnorm)
+    assert ("transformer.encoder.final_layernorm.weight" in names) == model.config.post_layer_norm

@@ -193,3 +193,24 @@ def test_int4_checkpoint_loads_as_it_is(tiny_dirs, tmp_path):
     ids = torch.tensor([[64790, 64792, 30910, 36474, 54591]])
     with torch.no_grad():
         assert torch.equal(loaded.model.eval()(ids).logits, quantized(ids).logits)
+
+
+def test_official_ptuning_checkpoint_loads(tiny_dirs, tmp_path):
+    """ChatGLM2's ptuning/main.py saves pytorch_model.bin with transformer.prefix_encoder.* only."""
+    from glmtune.errors import GlmtuneError
+    from glmtune.methods.adapter import load_tuned_model
+    from glmtune.models.loader import load_model
+
+    model = load_model(str(tiny_dirs["chatglm2"])).model
+    model.transformer.enable_prefix(6, projection=True)
+    prefix = {f"transformer.prefix_encoder.{k}": v for k, v in model.transformer.prefix_encoder.state_dict().items()}
+    official = tmp_path / "checkpoint-1000"
+    official.mkdir()
+    torch.save(prefix, official / "pytorch_model.bin")
+    (official / "config.json").write_text(json.dumps({"pre_seq_len": 6, "prefix_projection": True}))
+    loaded, info = load_tuned_model(str(tiny_dirs["chatglm2"]), official)
+    assert info["parameters"]["prefix_projection"] and info["parameters"]["pre_seq_len"] == 6
+    encoder = loaded.model.transformer.prefix_encoder
+    assert torch.equal(encoder.trans[2].weight, prefix["transformer.prefix_encoder.trans.2.weight"])
+    with pytest.raises(GlmtuneError, match="pre_seq_len 6"):
+        load_tuned_model(str(tiny_dirs["chatglm2"]), official, pre_seq_len=7)
