@@ -1,4 +1,4 @@
-"""The `glmtune` command: train, predict, chat, demo and data tools.
+"""The `glmtune` command: train, predict, eval, compare, metrics, chat, demo and data tools.
 
 Errors a user can fix (GlmtuneError) are printed as one line without a traceback and exit with status 2.
 """
@@ -6,10 +6,12 @@ Errors a user can fix (GlmtuneError) are printed as one line without a traceback
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from glmtune import __version__
 from glmtune.config import DEFAULT_MODEL, TEMPLATE_CHOICES, TrainConfig, add_arguments, config_from_args
@@ -73,6 +75,22 @@ def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--response-column", default=None, help="read answers from this column")
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="JSON/JSONL file with answers, in any format train accepts")
+    parser.add_argument("--output", required=True,
+                        help="output folder; running the same command again continues an interrupted run")
+    parser.add_argument("--task", default="auto", choices=("auto", "generation", "extraction", "classification"),
+                        help="auto (default) detects each row's task from its answer's shape")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch (default: 8)")
+    parser.add_argument("--max-samples", type=_positive_int, default=None, help="only the first N rows")
+    parser.add_argument("--max-source-length", type=_positive_int, default=None,
+                        help="cut longer prompts to this many tokens (default: no limit)")
+    parser.add_argument("--overwrite", action="store_true", help="start over instead of continuing an earlier run")
+    _add_column_arguments(parser)
+    _add_sampling_arguments(parser, 256)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmtune", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
@@ -101,6 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _add_column_arguments(predict)
     _add_sampling_arguments(predict, 256)
+
+    evaluate = commands.add_parser(
+        "eval", allow_abbrev=False, help="answer a data file and score the answers",
+        description="Batched generation (greedy unless --temperature > 0, then seeded) into OUTPUT/predictions.jsonl, "
+                    "streamed and resumable: the same command continues an interrupted run. Then the metrics "
+                    "(docs/metrics.md) into OUTPUT/metrics.json and a table.")
+    _add_eval_arguments(evaluate)
+
+    compare = commands.add_parser(
+        "compare", allow_abbrev=False, help="base vs tuned model on the same data, with report.md",
+        description="Runs `eval` twice, for the adapter's base model (OUTPUT/base) and for the tuned model "
+                    "(OUTPUT/tuned), then writes OUTPUT/report.md: metric table, per-task results and examples "
+                    "side by side.")
+    _add_eval_arguments(compare)
+
+    metrics = commands.add_parser(
+        "metrics", allow_abbrev=False, help="score an existing predictions file",
+        description="Metrics from a JSONL file whose lines hold `target` and `prediction` (other fields are "
+                    "ignored), without loading a model.")
+    metrics.add_argument("--predictions", required=True, help="JSONL file with target and prediction per line")
+    metrics.add_argument("--task", default="auto", choices=("auto", "generation", "extraction", "classification"),
+                         help="auto (default) detects each row's task from its target's shape")
+    metrics.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
 
     chat = commands.add_parser("chat", allow_abbrev=False, help="chat in the terminal",
                                description="Interactive chat that streams the answer. 'clear' forgets the "
@@ -208,6 +249,52 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _eval_settings(args):
+    from glmtune.evaluate.runs import EvalSettings
+
+    return EvalSettings(data=args.data, output_dir=args.output, model=args.model, adapter=args.adapter,
+                        template=args.template, task=args.task, batch_size=args.batch_size, sampling=_sampling(args),
+                        seed=args.seed, max_samples=args.max_samples, max_source_length=args.max_source_length,
+                        dtype=args.dtype, quantization_bit=args.quantization_bit, pre_seq_len=args.pre_seq_len,
+                        prompt_column=args.prompt_column, response_column=args.response_column)
+
+
+def _cmd_eval(args) -> int:
+    from glmtune.evaluate.metrics import metrics_table
+    from glmtune.evaluate.runs import run_eval
+
+    settings = _eval_settings(args)
+    metrics = run_eval(settings, overwrite=args.overwrite)
+    print(metrics_table(metrics))
+    print(f"predictions and metrics written to {settings.output_dir}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from glmtune.evaluate.runs import run_compare
+
+    from glmtune.evaluate.report import comparison_table
+
+    settings = _eval_settings(args)
+    report = run_compare(settings, overwrite=args.overwrite)
+    out = Path(settings.output_dir)
+    before, after = (json.loads((out / side / "metrics.json").read_text(encoding="utf-8")) for side in ("base", "tuned"))
+    print(comparison_table(before, after))
+    print(f"report written to {report}")
+    return 0
+
+
+def _cmd_metrics(args) -> int:
+    from glmtune.evaluate.metrics import metrics_table
+    from glmtune.evaluate.runs import score_file
+
+    metrics = score_file(args.predictions, task=args.task)
+    print(metrics_table(metrics))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
 def _cmd_chat(args) -> int:
     from glmtune.serve.chat import chat_loop
 
@@ -240,7 +327,6 @@ def _cmd_data(args) -> int:
                                                 output_dir=args.output_dir, overwrite=args.overwrite)
         print(f"{n_train} rows -> {train}\n{n_dev} rows -> {dev}")
         return 0
-    import json
     from dataclasses import asdict
 
     from glmtune.data.preprocess import Encoder, LengthLimits
@@ -279,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_predict(args)
         if args.command == "chat":
             return _cmd_chat(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "metrics":
+            return _cmd_metrics(args)
         if args.command == "demo":
             return _cmd_demo(args)
         return _cmd_data(args)

@@ -23,6 +23,9 @@ from glmtune.errors import GlmtuneError
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3")
 DEFAULT_LEARNING_RATES = {"lora": 2e-4, "ptuning": 2e-2}
+# metric_for_best: eval loss (lower is better) or a generated-answer metric (higher is better)
+BEST_METRICS = ("eval_loss", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "extraction_f1",
+                "classification_accuracy", "classification_micro_f1")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -99,6 +102,15 @@ class TrainingOptions:
     eval_steps: int = option(0, "Evaluate on dev_file every N steps (0: only at the end of each epoch).", minimum=0)
     eval_each_epoch: bool = option(True, "Evaluate on dev_file at the end of each epoch.")
     eval_on_start: bool = option(False, "Evaluate on dev_file once before training (the untrained baseline, logged at step 0).")
+    metric_for_best: str = option("eval_loss", "What picks OUT/best and drives early stopping: eval_loss, or a "
+                                  "metric of answers generated for dev_file at each evaluation (docs/metrics.md).",
+                                  choices=BEST_METRICS)
+    early_stopping_patience: int = option(0, "Stop after this many evaluations without a better metric_for_best "
+                                          "(0: never stop early).", minimum=0)
+    eval_max_new_tokens: int = option(256, "Longest answer generated for dev_file when metric_for_best or "
+                                      "eval_generate needs answers.", minimum=1)
+    eval_generate: bool = option(False, "After training, answer dev_file with the base and the trained model and "
+                                 "write OUT/report.md (what `glmtune compare` does).")
     save_steps: int = option(200, "Write a resumable checkpoint every N steps (one is also written at the end).", minimum=1)
     save_total_limit: int = option(2, "Keep at most this many checkpoints.", minimum=1)
     precision: str = option("auto", "auto: fp32 on CPU, bf16 (else fp16) mixed precision on GPU.",

@@ -18,7 +18,7 @@ from glmtune.config import DEFAULT_MODEL, TrainConfig
 from glmtune.data.formats import load_samples
 from glmtune.errors import GlmtuneError
 from glmtune.evaluate.generate import Generator, Sampling, write_predictions
-from glmtune.evaluate.metrics import answer_kind, score_predictions
+from glmtune.evaluate.metrics import compute_metrics, detect_task
 from glmtune.evaluate.report import comparison_table, format_examples, write_report
 from glmtune.methods import get_method
 from glmtune.models.loader import default_device, load_model
@@ -48,12 +48,12 @@ GENERATION_BATCH = 64
 
 
 def _pick_examples(samples, before: list[str], after: list[str], count: int = 3) -> list[dict[str, str]]:
-    """One example per answer kind first, then the next rows in order."""
+    """One example per task first, then the next rows in order."""
     order, seen = [], set()
     for i, sample in enumerate(samples):
-        kind = answer_kind(sample.reference)
-        if kind not in seen:
-            seen.add(kind)
+        task = detect_task(sample.reference)
+        if task not in seen:
+            seen.add(task)
             order.append(i)
     order += [i for i in range(len(samples)) if i not in order]
     return [{"prompt": samples[i].prompt_messages[-1].content, "reference": samples[i].reference,
@@ -90,8 +90,8 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
     after = write_predictions(Generator(loaded, result.template), dev, out / "predictions_after.jsonl", **generation)
 
     references = [s.reference for s in dev]
-    scores_before = score_predictions(list(zip(before, references)))
-    scores_after = score_predictions(list(zip(after, references)))
+    scores_before = compute_metrics(zip(before, references))
+    scores_after = compute_metrics(zip(after, references))
     scores_before["eval_loss"] = result.metrics.get("initial_eval_loss")
     scores_after["eval_loss"] = result.metrics["eval"].get("eval_loss")
     examples = _pick_examples(dev, before, after)

@@ -110,22 +110,76 @@ class Generator:
             raise errors[0]
 
 
+def prediction_row(sample: Sample, answer: str) -> dict:
+    """The input row plus `prediction`, and `target` (the reference answer) when the row names it otherwise,
+    so every predictions file can be scored by `glmtune metrics`."""
+    row = dict(sample.row)
+    if sample.has_answer and "target" not in row:
+        row["target"] = sample.reference
+    row["prediction"] = answer
+    return row
+
+
+def _kept_rows(path: Path, samples: list[Sample], batch_size: int) -> tuple[list[dict], int]:
+    """Rows of an earlier, interrupted run that can be kept, and their length in bytes: complete lines, in
+    whole batches (so later batches are the same as in an uninterrupted run), each belonging to the same
+    sample as now."""
+    from glmtune.errors import GlmtuneError
+
+    rows: list[dict] = []
+    ends: list[int] = []  # byte offset after each kept row
+    offset = 0
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # cut off mid-line by the interruption
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                break
+            if len(rows) >= len(samples):
+                raise GlmtuneError(f"{path} holds more rows than the data has; it was written for other data "
+                                   "(start over with --overwrite)")
+            expected = prediction_row(samples[len(rows)], "")
+            if not isinstance(row, dict) or {k: v for k, v in row.items() if k != "prediction"} != \
+                    {k: v for k, v in expected.items() if k != "prediction"}:
+                raise GlmtuneError(f"{path} line {len(rows) + 1} does not belong to row {len(rows) + 1} of the data; "
+                                   "it was written for other data (start over with --overwrite)")
+            rows.append(row)
+            offset += len(raw)
+            ends.append(offset)
+    keep = len(rows) if len(rows) == len(samples) else len(rows) // batch_size * batch_size
+    return rows[:keep], ends[keep - 1] if keep else 0
+
+
 def write_predictions(generator: Generator, samples: list[Sample], output_path: str | Path, *,
-                      batch_size: int = 8, sampling: Sampling | None = None, progress: bool = True) -> list[str]:
-    """Answers every sample in order and writes each row plus `prediction` to `output_path` (JSONL),
-    batch by batch as they finish. Returns the answers."""
+                      batch_size: int = 8, sampling: Sampling | None = None, progress: bool = True,
+                      resume: bool = False, seed: int | None = None) -> list[str]:
+    """Answers every sample in order and writes `prediction_row`s to `output_path` (JSONL), batch by batch
+    as they finish. Returns the answers.
+
+    With `resume`, the rows an interrupted run already wrote are kept and generation continues after them,
+    so the file ends as an uninterrupted run's would. With `seed`, each batch is seeded from the seed and
+    its position, so sampled answers do not depend on where a run resumed either."""
     from tqdm.auto import tqdm
 
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    answers: list[str] = []
-    with output_path.open("w", encoding="utf-8") as out, tqdm(total=len(samples), desc="generating",
-                                                              unit="sample", disable=not progress) as bar:
-        for start in range(0, len(samples), batch_size):
+    kept, kept_bytes = _kept_rows(output_path, samples, batch_size) if resume and output_path.exists() else ([], 0)
+    if kept:
+        log.info("%s: %d of %d rows already answered; continuing", output_path, len(kept), len(samples))
+    answers = [row["prediction"] for row in kept]
+    with output_path.open("r+" if kept else "w", encoding="utf-8") as out, \
+            tqdm(total=len(samples), initial=len(kept), desc="generating", unit="sample", disable=not progress) as bar:
+        out.truncate(kept_bytes)  # drop what comes after the kept rows (a cut line, a partial batch)
+        out.seek(kept_bytes)
+        for start in range(len(kept), len(samples), batch_size):
             batch = samples[start:start + batch_size]
+            if seed is not None:
+                torch.manual_seed(seed + start)
             batch_answers = generator.generate([s.prompt_messages for s in batch], sampling)
             for sample, answer in zip(batch, batch_answers):
-                out.write(json.dumps({**sample.row, "prediction": answer}, ensure_ascii=False) + "\n")
+                out.write(json.dumps(prediction_row(sample, answer), ensure_ascii=False) + "\n")
             out.flush()
             answers += batch_answers
             bar.update(len(batch))

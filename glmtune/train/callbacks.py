@@ -94,25 +94,47 @@ class EvaluateEachEpoch(TrainerCallback):
 
 
 class KeepBestAdapter(TrainerCallback):
-    """Saves the adapter to OUT/best whenever eval loss improves (state survives --resume through the
-    adapter info written next to the weights)."""
+    """Saves the adapter to OUT/best whenever `metric` improves (lower eval loss; higher answer metrics),
+    and stops training after `patience` evaluations without an improvement (0: never). The best value
+    survives --resume through the adapter info written next to the weights."""
 
-    def __init__(self, directory: Path, save_adapter):
+    def __init__(self, directory: Path, save_adapter, metric: str = "eval_loss", patience: int = 0):
         self.directory = Path(directory)
         self.save_adapter = save_adapter  # callable(model, directory, extra_info)
+        self.metric = metric
+        self.key = metric if metric == "eval_loss" else f"eval_{metric}"
+        self.lower_is_better = metric == "eval_loss"
+        self.patience = patience
+        self.stale = 0  # evaluations since the last improvement
         self.best = self._previous_best()
 
     def _previous_best(self) -> float:
         from glmtune.methods.adapter import ADAPTER_FILE, read_adapter_info
 
         if (self.directory / ADAPTER_FILE).is_file():
-            return read_adapter_info(self.directory).get("eval_loss", math.inf)
-        return math.inf
+            info = read_adapter_info(self.directory)
+            if info.get("best_metric", "eval_loss") == self.metric:
+                value = info.get("best_value", info.get("eval_loss"))
+                if isinstance(value, (int, float)):
+                    return float(value)
+        return math.inf if self.lower_is_better else -math.inf
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        loss = (metrics or {}).get("eval_loss")
-        if not state.is_world_process_zero or loss is None or not math.isfinite(loss) or loss >= self.best:
-            return
-        self.best = loss
-        self.save_adapter(model, self.directory, {"eval_loss": loss, "step": state.global_step})
-        log.info("new best eval_loss %.4f at step %d: adapter saved to %s", loss, state.global_step, self.directory)
+        value = (metrics or {}).get(self.key)
+        if value is None or not math.isfinite(value):
+            return control
+        if value < self.best if self.lower_is_better else value > self.best:
+            self.best, self.stale = value, 0
+            if state.is_world_process_zero:
+                self.save_adapter(model, self.directory, {"eval_loss": (metrics or {}).get("eval_loss"),
+                                                          "step": state.global_step, "best_metric": self.metric,
+                                                          "best_value": value})
+                log.info("new best %s %.4f at step %d: adapter saved to %s", self.metric, value, state.global_step,
+                         self.directory)
+            return control
+        self.stale += 1
+        if self.patience and self.stale >= self.patience:
+            log.info("no better %s in %d evaluations (best %.4f): stopping early at step %d", self.metric,
+                     self.stale, self.best, state.global_step)
+            control.should_training_stop = True
+        return control

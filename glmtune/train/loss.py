@@ -55,9 +55,10 @@ def labelled_positions_loss(model, inputs: dict[str, torch.Tensor], num_items: i
 class LabelledLossTrainer(Trainer):
     """The Trainer with `labelled_positions_loss`, after one check that it equals the model's own loss."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, answer_metrics=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fast_loss: bool | None = None if _parts(self.model) else False
+        self.answer_metrics = answer_metrics  # callable(model) -> {name: value}, from answers to dev prompts
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """A plain model that trains a few of its tensors (P-Tuning v2) checkpoints only those: a 6B base
@@ -133,6 +134,8 @@ class LabelledLossTrainer(Trainer):
         runtime = time.perf_counter() - started
         metrics = {f"{metric_key_prefix}_loss": float(total) / max(int(count), 1),
                    f"{metric_key_prefix}_runtime": round(runtime, 3), f"{metric_key_prefix}_tokens": int(count)}
+        if self.answer_metrics is not None:
+            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.answer_metrics(model).items()})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -36,7 +36,8 @@ from glmtune.train.plot import plot_loss
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("resolved_config.yaml", "train_log.jsonl", "loss.png", "metrics.json", "adapter", "best")
+RUN_FILES = ("resolved_config.yaml", "train_log.jsonl", "loss.png", "metrics.json", "adapter", "best", "report.md",
+             "base", "tuned")
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -188,6 +189,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
 
     if not dev_samples and (cfg.eval_steps or cfg.eval_on_start):
         log.warning("eval_steps / eval_on_start have no effect without dev_file")
+    _check_answer_options(cfg, dev_samples)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
     check_report_to(cfg.report_to)
@@ -227,7 +229,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
 
     callbacks = [ProgressBar(), JsonlLog(out / "train_log.jsonl")]
     if dev_features:
-        callbacks.append(KeepBestAdapter(out / "best", save_adapter))
+        callbacks.append(KeepBestAdapter(out / "best", save_adapter, cfg.metric_for_best, cfg.early_stopping_patience))
         if cfg.eval_each_epoch:
             callbacks.append(EvaluateEachEpoch())
     trainer = LabelledLossTrainer(
@@ -237,6 +239,8 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         train_dataset=FeatureDataset(train_features),
         eval_dataset=FeatureDataset(dev_features) if dev_features else None,
         callbacks=callbacks,
+        answer_metrics=_answer_metrics(cfg, loaded, template.name, dev_samples)
+        if cfg.metric_for_best != "eval_loss" else None,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressBar and JsonlLog cover them
     if resume_from:
@@ -265,12 +269,74 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         "trainable_parameters": trainable,
         "truncation": {"train": _report_dict(train_report), **({"dev": _report_dict(dev_report)} if dev_report else {})},
     }
+    if cfg.eval_generate and dev_samples:
+        metrics["report"] = str(_compare_after_training(cfg, loaded, template.name, out, best_dir or adapter_dir))
     (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
     plot_loss(out / "train_log.jsonl", out / "loss.png")
     log.info("adapter saved to %s%s", adapter_dir, f"; best (eval_loss {metrics['best_eval_loss']:.4f}) in {best_dir}"
              if best_dir else "")
     model.config.use_cache = True
     return TrainResult(out, adapter_dir, best_dir, metrics, model, template.name)
+
+
+def _check_answer_options(cfg: TrainConfig, dev_samples) -> None:
+    """metric_for_best, early stopping and eval_generate need dev answers, and a task metric needs rows of
+    that task: say so before anything is loaded."""
+    from glmtune.evaluate.metrics import detect_task
+
+    needs_dev = [name for name, used in (("metric_for_best", cfg.metric_for_best != "eval_loss"),
+                                         ("early_stopping_patience", cfg.early_stopping_patience > 0),
+                                         ("eval_generate", cfg.eval_generate)) if used]
+    if needs_dev and not dev_samples:
+        raise GlmtuneError(f"{', '.join(needs_dev)} need(s) dev_file")
+    task = cfg.metric_for_best.split("_")[0]
+    if task in ("extraction", "classification") and not any(detect_task(s.reference) == task for s in dev_samples):
+        raise GlmtuneError(f"metric_for_best {cfg.metric_for_best} needs {task} rows in dev_file, which has none")
+
+
+def _answer_metrics(cfg: TrainConfig, loaded: LoadedModel, template: str, dev_samples):
+    """A callable that answers the dev prompts with the model being trained and returns the metrics, flat:
+    overall ones by name (bleu-4) and task ones as task_name (extraction_f1)."""
+    from dataclasses import replace
+
+    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.evaluate.metrics import compute_metrics
+
+    prompts = [s.prompt_messages for s in dev_samples]
+    references = [s.reference for s in dev_samples]
+    sampling = Sampling(max_new_tokens=cfg.eval_max_new_tokens)
+
+    def measure(model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        generator = Generator(replace(loaded, model=model), template, LengthLimits(cfg.max_source_length))
+        answers: list[str] = []
+        for start in range(0, len(prompts), cfg.eval_batch_size):
+            answers += generator.generate(prompts[start:start + cfg.eval_batch_size], sampling)
+        model.train(was_training)
+        scores = compute_metrics(zip(answers, references))
+        flat = dict(scores["overall"])
+        for task, values in scores["tasks"].items():
+            flat.update({f"{task}_{k}": v for k, v in values.items()
+                         if k in ("precision", "recall", "f1", "parse_rate", "accuracy", "micro_f1")})
+        return flat
+
+    return measure
+
+
+def _compare_after_training(cfg: TrainConfig, loaded: LoadedModel, template: str, out: Path, adapter: Path) -> Path:
+    from glmtune.evaluate.generate import Sampling
+    from glmtune.evaluate.runs import EvalSettings, run_compare
+
+    settings = EvalSettings(data=cfg.dev_file, output_dir=str(out), model=loaded.name, adapter=str(adapter),
+                            template=template, batch_size=cfg.eval_batch_size,
+                            sampling=Sampling(max_new_tokens=cfg.eval_max_new_tokens), max_samples=cfg.max_eval_samples,
+                            max_source_length=cfg.max_source_length, dtype=cfg.dtype,
+                            quantization_bit=loaded.quantization_bit, prompt_column=cfg.prompt_column,
+                            response_column=cfg.response_column)
+    report = run_compare(settings, overwrite=True)
+    log.info("before/after report written to %s", report)
+    return report
 
 
 def _finite(value):

@@ -1,0 +1,201 @@
+"""`glmtune eval` and `glmtune compare`: answer a data file, score it, and compare base with tuned.
+
+An eval folder holds `predictions.jsonl` (streamed, resumable), `metrics.json` and `eval_config.json`
+(what produced them). Running the same command again continues an interrupted run; other settings for
+the same folder are refused unless `overwrite`, so a file never mixes answers of two setups.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import GlmtuneError
+from glmtune.evaluate.generate import Sampling
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+SETTINGS = "eval_config.json"
+TASKS = ("auto", "generation", "extraction", "classification")
+
+
+@dataclass
+class EvalSettings:
+    data: str
+    output_dir: str
+    model: str | None = None  # None: the adapter's base model, else the default model
+    adapter: str | None = None
+    template: str | None = None  # None: the adapter's, else auto
+    task: str = "auto"
+    batch_size: int = 8
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+    max_samples: int | None = None
+    max_source_length: int | None = None
+    dtype: str = "auto"
+    quantization_bit: int | None = None
+    pre_seq_len: int | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+
+    def __post_init__(self):
+        if self.sampling.temperature > 0 and self.seed is None:
+            self.seed = 42  # sampled answers are reproducible (and resumable) only with a seed
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for an earlier run's predictions to be continued."""
+        data = asdict(self)
+        data.pop("output_dir")
+        data.pop("batch_size")  # answers do not depend on it beyond numerics; resuming keeps whole batches
+        data.pop("task")  # scoring only
+        data["data"] = str(Path(self.data).resolve())
+        return data
+
+
+def _load_samples(settings: EvalSettings):
+    from glmtune.data.formats import load_samples
+
+    samples, _ = load_samples(settings.data, prompt_column=settings.prompt_column,
+                              response_column=settings.response_column, require_answer=True)
+    return samples[: settings.max_samples] if settings.max_samples else samples
+
+
+def _prepare_folder(settings: EvalSettings, overwrite: bool) -> bool:
+    """Create or check the eval folder; True when an earlier run there is continued."""
+    out = Path(settings.output_dir)
+    recorded = out / SETTINGS
+    if out.exists() and not out.is_dir():
+        raise GlmtuneError(f"{out} exists and is not a folder")
+    if overwrite:
+        for name in (PREDICTIONS, METRICS, SETTINGS):
+            (out / name).unlink(missing_ok=True)
+    elif recorded.is_file():
+        earlier = json.loads(recorded.read_text(encoding="utf-8"))
+        now = json.loads(json.dumps(settings.identity()))
+        differ = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
+        if differ:
+            details = ", ".join(f"{k}: {earlier.get(k)!r} then, {now.get(k)!r} now" for k in differ)
+            raise GlmtuneError(f"{out} holds an evaluation with other settings ({details}); use another output "
+                               "folder or --overwrite")
+        return True
+    elif (out / PREDICTIONS).exists():
+        raise GlmtuneError(f"{out / PREDICTIONS} exists but was not written by glmtune eval; use another output "
+                           "folder or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings.identity(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return False
+
+
+def run_eval(settings: EvalSettings, *, overwrite: bool = False, loaded=None) -> dict[str, Any]:
+    """Answer every row (continuing an interrupted run), score, write metrics.json; returns the metrics.
+    `loaded` (LoadedModel, template) lets a caller reuse a model it already has in memory."""
+    from glmtune.data.preprocess import LengthLimits
+    from glmtune.evaluate.generate import Generator, write_predictions
+    from glmtune.evaluate.metrics import compute_metrics
+    from glmtune.methods.adapter import load_tuned_model
+
+    if settings.task not in TASKS:
+        raise GlmtuneError(f"task must be one of {', '.join(TASKS)}; got {settings.task!r}")
+    samples = _load_samples(settings)  # validate the data before loading any model
+    resumed = _prepare_folder(settings, overwrite)
+    out = Path(settings.output_dir)
+    if loaded is None:
+        model, info = load_tuned_model(settings.model, settings.adapter, dtype=settings.dtype,
+                                       quantization_bit=settings.quantization_bit, pre_seq_len=settings.pre_seq_len)
+        template = settings.template or (info or {}).get("template") or "auto"
+    else:
+        model, template = loaded
+    generator = Generator(model, template, LengthLimits(max_source_length=settings.max_source_length))
+    answers = write_predictions(generator, samples, out / PREDICTIONS, batch_size=settings.batch_size,
+                                sampling=settings.sampling, resume=resumed, seed=settings.seed)
+    metrics = compute_metrics(zip(answers, [s.reference for s in samples]), task=settings.task)
+    (out / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log.info("%s: %d answers scored, metrics in %s", settings.output_dir, len(answers), out / METRICS)
+    return metrics
+
+
+def score_file(path: str | Path, task: str = "auto") -> dict[str, Any]:
+    """Metrics of an existing predictions file whose lines hold `target` and `prediction`."""
+    from glmtune.evaluate.metrics import compute_metrics
+
+    if task not in TASKS:
+        raise GlmtuneError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"predictions file not found: {path}")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GlmtuneError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise GlmtuneError(f"{path}:{number}: a line must be a JSON object")
+        for key in ("target", "prediction"):
+            if not isinstance(row.get(key), str):
+                raise GlmtuneError(f"{path}:{number}: {key!r} must be a string "
+                                   f"({'missing' if key not in row else type(row[key]).__name__})")
+        pairs.append((row["prediction"], row["target"]))
+    if not pairs:
+        raise GlmtuneError(f"{path} holds no predictions")
+    return compute_metrics(pairs, task=task)
+
+
+def run_compare(settings: EvalSettings, *, overwrite: bool = False, examples: int = 3) -> Path:
+    """Base and tuned model on the same file (OUT/base, OUT/tuned) and OUT/report.md side by side."""
+    from glmtune.data.formats import Message
+    from glmtune.evaluate.report import write_report
+    from glmtune.methods.adapter import read_adapter_info
+
+    if not settings.adapter:
+        raise GlmtuneError("compare needs --adapter (the tuned model); the base is the adapter's base model")
+    info = read_adapter_info(settings.adapter) if (Path(settings.adapter) / "glmtune_adapter.json").is_file() \
+        else {}
+    out = Path(settings.output_dir)
+    if overwrite and (out / "report.md").exists():
+        (out / "report.md").unlink()
+    model = settings.model or info.get("base_model")
+    quantization = settings.quantization_bit if settings.quantization_bit is not None else info.get("quantization_bit")
+    template = settings.template or info.get("template")
+    base = replace(settings, output_dir=str(out / "base"), adapter=None, model=model, template=template,
+                   quantization_bit=quantization, pre_seq_len=None)
+    tuned = replace(settings, output_dir=str(out / "tuned"), model=model, template=template,
+                    quantization_bit=quantization)
+    before = run_eval(base, overwrite=overwrite)
+    after = run_eval(tuned, overwrite=overwrite)
+
+    samples = _load_samples(settings)
+    rows_before = _read_rows(out / "base" / PREDICTIONS)
+    rows_after = _read_rows(out / "tuned" / PREDICTIONS)
+    shown = []
+    for sample, b, a in list(zip(samples, rows_before, rows_after))[:examples]:
+        prompt = "\n".join(m.content for m in sample.prompt_messages if isinstance(m, Message))
+        shown.append({"prompt": prompt, "reference": sample.reference, "before": b["prediction"],
+                      "after": a["prediction"]})
+    setup = [f"data: `{settings.data}` ({len(samples)} rows)", f"base model: `{model}`",
+             f"tuned: adapter `{settings.adapter}`", _decoding(settings)]
+    report = write_report(out / "report.md", title="glmtune compare: base vs tuned", setup=setup, before=before,
+                          after=after, examples=shown,
+                          files=[f"base/{PREDICTIONS}", f"base/{METRICS}", f"tuned/{PREDICTIONS}",
+                                 f"tuned/{METRICS}"])
+    return report
+
+
+def _decoding(settings: EvalSettings) -> str:
+    s = settings.sampling
+    if s.temperature > 0:
+        how = f"sampling (temperature {s.temperature}, top-p {s.top_p}, seed {settings.seed})"
+    else:
+        how = "greedy"
+    return f"decoding: {how}, at most {s.max_new_tokens} new tokens, repetition penalty {s.repetition_penalty}"
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
