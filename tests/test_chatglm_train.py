@@ -262,3 +262,16 @@ def test_half_precision_weights_run_and_stay_close(tiny_chatglm_dir, dtype):
     relative = ((actual - expected)[valid].norm() / expected[valid].norm()).item()
     assert relative < 0.05
     assert generated.shape == (2, 8)
+
+
+def test_ptuning_picks_best_by_an_answer_metric_like_lora(tiny_chatglm_dir, small_data, tmp_path, train_tiny,
+                                                          log_values):
+    from glmtune.methods.adapter import read_adapter_info
+
+    run = train_tiny(tiny_chatglm_dir, small_data, tmp_path / "run", max_steps=4, eval_steps=2, save_steps=4,
+                     metric_for_best="bleu-4", early_stopping_patience=5, eval_max_new_tokens=4, **METHODS["ptuning"])
+    scores = log_values(run.output_dir, "eval_bleu-4")
+    assert len(scores) == len(log_values(run.output_dir, "eval_loss")) >= 2
+    best = read_adapter_info(run.best_dir)
+    assert best["method"] == "ptuning" and best["best_metric"] == "bleu-4" and best["best_value"] == max(scores)
+    assert sorted(p.name for p in run.best_dir.iterdir()) == ["glmtune_adapter.json", "prefix_encoder.safetensors"]

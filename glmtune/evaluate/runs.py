@@ -91,9 +91,8 @@ def _prepare_folder(settings: EvalSettings, overwrite: bool) -> bool:
     return False
 
 
-def run_eval(settings: EvalSettings, *, overwrite: bool = False, loaded=None) -> dict[str, Any]:
-    """Answer every row (continuing an interrupted run), score, write metrics.json; returns the metrics.
-    `loaded` (LoadedModel, template) lets a caller reuse a model it already has in memory."""
+def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, Any]:
+    """Answer every row (continuing an interrupted run), score, write metrics.json; returns the metrics."""
     from glmtune.data.preprocess import LengthLimits
     from glmtune.evaluate.generate import Generator, write_predictions
     from glmtune.evaluate.metrics import compute_metrics
@@ -104,12 +103,9 @@ def run_eval(settings: EvalSettings, *, overwrite: bool = False, loaded=None) ->
     samples = _load_samples(settings)  # validate the data before loading any model
     resumed = _prepare_folder(settings, overwrite)
     out = Path(settings.output_dir)
-    if loaded is None:
-        model, info = load_tuned_model(settings.model, settings.adapter, dtype=settings.dtype,
-                                       quantization_bit=settings.quantization_bit, pre_seq_len=settings.pre_seq_len)
-        template = settings.template or (info or {}).get("template") or "auto"
-    else:
-        model, template = loaded
+    model, info = load_tuned_model(settings.model, settings.adapter, dtype=settings.dtype,
+                                   quantization_bit=settings.quantization_bit, pre_seq_len=settings.pre_seq_len)
+    template = settings.template or (info or {}).get("template") or "auto"
     generator = Generator(model, template, LengthLimits(max_source_length=settings.max_source_length))
     answers = write_predictions(generator, samples, out / PREDICTIONS, batch_size=settings.batch_size,
                                 sampling=settings.sampling, resume=resumed, seed=settings.seed)
