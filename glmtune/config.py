@@ -117,7 +117,8 @@ class TrainingOptions:
                             choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory (about a third more compute).")
     dataloader_num_workers: int = option(0, "Worker processes for batching.", minimum=0)
-    report_to: str = option("none", "Also log to this backend (its package must be installed).",
+    report_to: str = option("none", "Also log to this backend (its package must be installed; tensorboard writes "
+                            "OUT/runs/, pip install tensorboard).",
                             choices=("none", "tensorboard", "wandb", "mlflow"))
 
 

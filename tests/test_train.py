@@ -148,3 +148,16 @@ def test_a_missing_logging_backend_is_reported_up_front(tmp_path, small_data, ca
     assert main(["train", f"train_file={train}", f"output_dir={tmp_path / 'run'}", "report_to=mlflow"]) == 2
     assert "needs the mlflow package" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_logging_writes_the_losses(tiny_model_dir, small_data, tmp_path, train_tiny):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train_tiny(tiny_model_dir, small_data, tmp_path / "run", max_steps=3, save_steps=3, report_to="tensorboard")
+    events = sorted((run.output_dir / "runs").rglob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert len(accumulator.Scalars("train/loss")) == 3
+    assert accumulator.Scalars("eval/loss")
