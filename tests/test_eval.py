@@ -72,7 +72,8 @@ def test_killed_eval_resumes_to_the_same_file(tiny_model_dir, eval_data, tmp_pat
     written = len(_rows(predictions)) if predictions.exists() else 0
     assert 0 < written < 40, "the run was not interrupted in the middle; it must be slower than the polling"
     assert main(_eval_args(tiny_model_dir, eval_data, killed, "--max-new-tokens", "48", "--batch-size", "2")) == 0
-    assert [r["prediction"] for r in _rows(predictions)] == [r["prediction"] for r in _rows(reference / "predictions.jsonl")]
+    expected = [r["prediction"] for r in _rows(reference / "predictions.jsonl")]
+    assert [r["prediction"] for r in _rows(predictions)] == expected
 
 
 def test_eval_refuses_other_settings_in_the_same_folder(tiny_model_dir, eval_data, tmp_path, capsys):
