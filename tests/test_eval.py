@@ -57,7 +57,7 @@ def test_eval_writes_predictions_and_metrics_and_continues_a_cut_file(tiny_model
 def test_killed_eval_resumes_to_the_same_file(tiny_model_dir, eval_data, tmp_path):
     """SIGKILL in the middle of a real run, then the same command again."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert main(_eval_args(tiny_model_dir, eval_data, reference, "--max-new-tokens", "48")) == 0
+    assert main(_eval_args(tiny_model_dir, eval_data, reference, "--max-new-tokens", "48", "--batch-size", "2")) == 0
     command = [sys.executable, "-m", "glmtune", *_eval_args(tiny_model_dir, eval_data, killed, "--max-new-tokens", "48",
                                                             "--batch-size", "2")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
