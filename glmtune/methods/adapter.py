@@ -90,13 +90,15 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
         raise GlmtuneError(f"{adapter} is not a glmtune adapter ({ADAPTER_FILE} is missing); to load it as an "
                            "official P-Tuning checkpoint, name its base model with --model")
     name = model_name or (info["base_model"] if info else DEFAULT_MODEL)
+    if official:  # checked before the model loads: a folder of other weights is refused at once
+        info = official_checkpoint_info(adapter, pre_seq_len)
+        if info is None:
+            read_adapter_info(adapter)  # raises the usual "not a glmtune adapter" message
     if quantization_bit is None:
         quantization_bit = (info or {}).get("quantization_bit", 0)
     loaded = load_model(name, dtype=dtype, device=device or default_device(), quantization_bit=quantization_bit)
     if official:
-        info = official_checkpoint_info(adapter, loaded.family, pre_seq_len)
-        if info is None:
-            read_adapter_info(adapter)  # raises the usual "not a glmtune adapter" message
+        info["family"] = loaded.family
         loaded.model = load_official(loaded.model, info, adapter)
     elif info:
         check_base_fits(info, loaded.family, fingerprint(loaded.model.config), adapter, name)

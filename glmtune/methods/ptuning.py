@@ -102,12 +102,12 @@ class PTuningMethod:
         return model  # the prefix is already part of every forward
 
 
-def official_checkpoint_info(directory: Path, family: str, pre_seq_len: int | None) -> dict[str, Any] | None:
+def official_checkpoint_info(directory: Path, pre_seq_len: int | None) -> dict[str, Any] | None:
     """Adapter info for an official P-Tuning checkpoint folder, or None when it is not one.
 
     Such a folder has `pytorch_model.bin` (or model.safetensors) with the prefix weights and, when the
     Trainer wrote it, a config.json with pre_seq_len and prefix_projection; --pre-seq-len wins over it
-    and must match the weights."""
+    and must match the weights. The family is the caller's to fill in, from the base model."""
     weights = next((directory / f for f in OFFICIAL_FILES if (directory / f).is_file()), None)
     if weights is None:
         return None
@@ -128,7 +128,6 @@ def official_checkpoint_info(directory: Path, family: str, pre_seq_len: int | No
     wanted = pre_seq_len if pre_seq_len is not None else recorded
     return {
         "method": "ptuning",
-        "family": family,
         "base_model": None,
         "template": "auto",
         "parameters": {"pre_seq_len": int(wanted),
