@@ -275,10 +275,7 @@ def _cmd_compare(args) -> int:
 
     from glmtune.evaluate.report import comparison_table
 
-    settings = _eval_settings(args)
-    report = run_compare(settings, overwrite=args.overwrite)
-    out = Path(settings.output_dir)
-    before, after = (json.loads((out / side / "metrics.json").read_text(encoding="utf-8")) for side in ("base", "tuned"))
+    report, before, after = run_compare(_eval_settings(args), overwrite=args.overwrite)
     print(comparison_table(before, after))
     print(f"report written to {report}")
     return 0

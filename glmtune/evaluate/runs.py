@@ -144,8 +144,10 @@ def score_file(path: str | Path, task: str = "auto") -> dict[str, Any]:
     return compute_metrics(pairs, task=task)
 
 
-def run_compare(settings: EvalSettings, *, overwrite: bool = False, examples: int = 3) -> Path:
-    """Base and tuned model on the same file (OUT/base, OUT/tuned) and OUT/report.md side by side."""
+def run_compare(settings: EvalSettings, *, overwrite: bool = False,
+                examples: int = 3) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Base and tuned model on the same file (OUT/base, OUT/tuned) and OUT/report.md side by side;
+    returns the report's path and the base and tuned metrics."""
     from glmtune.data.formats import Message
     from glmtune.evaluate.report import write_report
     from glmtune.methods.adapter import read_adapter_info
@@ -181,7 +183,7 @@ def run_compare(settings: EvalSettings, *, overwrite: bool = False, examples: in
                           after=after, examples=shown,
                           files=[f"base/{PREDICTIONS}", f"base/{METRICS}", f"tuned/{PREDICTIONS}",
                                  f"tuned/{METRICS}"])
-    return report
+    return report, before, after
 
 
 def _decoding(settings: EvalSettings) -> str:

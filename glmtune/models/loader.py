@@ -73,7 +73,9 @@ def detect_family(config: dict[str, Any], name: str = "") -> str:
     return "generic"
 
 
-NATIVE_FAMILIES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B"}
+NATIVE_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # glmtune's own model and tokenizer code
+
+
 def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
     """Tokens that end an answer: the tokenizer's eos and stop tokens, and every eos the generation config
     names."""

@@ -334,7 +334,7 @@ def _compare_after_training(cfg: TrainConfig, loaded: LoadedModel, template: str
                             max_source_length=cfg.max_source_length, dtype=cfg.dtype,
                             quantization_bit=loaded.quantization_bit, prompt_column=cfg.prompt_column,
                             response_column=cfg.response_column)
-    report = run_compare(settings, overwrite=True)
+    report, _, _ = run_compare(settings, overwrite=True)
     log.info("before/after report written to %s", report)
     return report
 
