@@ -1,9 +1,10 @@
 """P-Tuning v2: a trained key/value prefix in front of every layer; the base model stays frozen.
 
 The native ChatGLM models carry the prefix encoder themselves (`model.transformer.prefix_encoder`, as in
-the official code), so an adapter is just the prefix weights under their official names plus the
-parameters that shaped them. Official P-Tuning checkpoints (a `pytorch_model.bin` holding
-`transformer.prefix_encoder.*`) load too.
+the official code), so official P-Tuning checkpoints (a `pytorch_model.bin` holding
+`transformer.prefix_encoder.*`) load too. Every other family (GLM-4, any transformers causal LM) gets
+the encoder at `model.prefix_encoder`, fed into attention by `glmtune.models.prefix_attention`. Either
+way an adapter is the prefix weights plus the parameters that shaped them.
 """
 
 from __future__ import annotations
@@ -16,38 +17,54 @@ import torch
 
 from glmtune.errors import GlmtuneError
 
-PREFIX_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # families whose model has a built-in prefix encoder
+NATIVE_PREFIX_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # the model has a built-in, official prefix encoder
 WEIGHTS_FILE = "prefix_encoder.safetensors"
 OFFICIAL_FILES = ("pytorch_model.bin", "model.safetensors")
-KEY_PREFIX = "transformer.prefix_encoder."
+KEY_PREFIX = "transformer.prefix_encoder."  # the official names, used by the native families
+GENERIC_KEY_PREFIX = "prefix_encoder."  # every other family
 
 
-def check_family(family: str) -> None:
-    if family not in PREFIX_FAMILIES:
-        raise GlmtuneError(f"P-Tuning v2 is not available for the {family} family in this version of glmtune "
-                           f"(it is for: {', '.join(PREFIX_FAMILIES)}); use method: lora")
+def _native(model) -> bool:
+    return hasattr(getattr(model, "transformer", None), "enable_prefix")
 
 
-def _enable(model, parameters: dict[str, Any]) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+def _key_prefix(model) -> str:
+    return KEY_PREFIX if _native(model) else GENERIC_KEY_PREFIX
+
+
+def _encoder(model):
+    return model.transformer.prefix_encoder if _native(model) else model.prefix_encoder
+
+
+def _enable(model, parameters: dict[str, Any], *, fresh: bool = True) -> None:
+    """Give the model its prefix encoder; `fresh` False when trained weights are loaded into it next."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
     pre_seq_len = parameters["pre_seq_len"]
     if limit and pre_seq_len >= limit:
         raise GlmtuneError(f"pre_seq_len {pre_seq_len} leaves no room for text: the model's context is {limit} "
                            "tokens; use a prefix of a few hundred tokens at most")
-    model.transformer.enable_prefix(pre_seq_len, projection=parameters["prefix_projection"],
-                                    hidden_size=parameters.get("prefix_hidden_size"))
+    if _native(model):
+        model.transformer.enable_prefix(pre_seq_len, projection=parameters["prefix_projection"],
+                                        hidden_size=parameters.get("prefix_hidden_size"))
+    else:
+        from glmtune.models.prefix_attention import attach_prefix
+
+        attach_prefix(model, pre_seq_len, projection=parameters["prefix_projection"],
+                      hidden_size=parameters.get("prefix_hidden_size"), start_from_model=fresh)
 
 
 def prefix_state(model) -> dict[str, torch.Tensor]:
-    return {KEY_PREFIX + k: v.detach().float().contiguous().cpu()
-            for k, v in model.transformer.prefix_encoder.state_dict().items()}
+    names = _key_prefix(model)
+    return {names + k: v.detach().float().contiguous().cpu() for k, v in _encoder(model).state_dict().items()}
 
 
 def _load_prefix(model, state: dict[str, torch.Tensor], directory: Path, parameters: dict[str, Any]) -> None:
-    state = {k.removeprefix(KEY_PREFIX): v for k, v in state.items() if k.startswith(KEY_PREFIX)}
+    key_prefix = _key_prefix(model)
+    state = {k.removeprefix(key_prefix): v for k, v in state.items() if k.startswith(key_prefix)}
     if not state:
-        raise GlmtuneError(f"{directory} holds no prefix encoder weights ({KEY_PREFIX}*)")
-    encoder = model.transformer.prefix_encoder
+        raise GlmtuneError(f"{directory} holds no prefix encoder weights ({key_prefix}*)")
+    encoder = _encoder(model)
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if found.keys() != expected.keys():
@@ -74,11 +91,11 @@ class PTuningMethod:
                 "prefix_hidden_size": options.prefix_hidden_size}
 
     def apply(self, model, options, family: str):
-        check_family(family)
         parameters = self.parameters(options, family)
         _enable(model, parameters)
+        key_prefix = _key_prefix(model)
         for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(KEY_PREFIX)
+            param.requires_grad = name.startswith(key_prefix)
         return model
 
     def save(self, model, directory: Path) -> None:
@@ -89,9 +106,8 @@ class PTuningMethod:
     def load(self, model, directory: Path, info: dict[str, Any]):
         from safetensors.torch import load_file
 
-        check_family(info["family"])
         parameters = info["parameters"]
-        _enable(model, parameters)
+        _enable(model, parameters, fresh=False)
         path = Path(directory) / WEIGHTS_FILE
         if not path.is_file():
             raise GlmtuneError(f"{directory} lacks {WEIGHTS_FILE}; the adapter folder is damaged")
@@ -149,7 +165,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_official(model, info: dict[str, Any], directory: Path):
+    if info["family"] not in NATIVE_PREFIX_FAMILIES:
+        raise GlmtuneError(f"{directory} is an official ChatGLM P-Tuning checkpoint, but the base model is a "
+                           f"{info['family']} model; it loads over ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B")
     parameters = info["parameters"]
-    _enable(model, parameters)
+    _enable(model, parameters, fresh=False)
     _load_prefix(model, read_weights(Path(info["official_weights"])), directory, parameters)
     return model

@@ -36,3 +36,16 @@ class PrefixEncoder(nn.Module):
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         vectors = self.embedding(prefix)
         return self.trans(vectors) if self.projection else vectors
+
+    @torch.no_grad()
+    def start_from(self, target: torch.Tensor) -> None:
+        """Set the parameters so that the encoder outputs `target` [pre_seq_len, out_width]. Without projection
+        that is the embedding itself; with projection the output layer is solved by least squares over the
+        MLP's hidden vectors (exact when pre_seq_len is at most the hidden width)."""
+        target = target.to(self.embedding.weight)
+        if not self.projection:
+            self.embedding.weight.copy_(target)
+            return
+        out = self.trans[2]
+        hidden = self.trans[1](self.trans[0](self.embedding.weight))  # [pre_seq_len, hidden_width]
+        out.weight.copy_((torch.linalg.pinv(hidden) @ (target - out.bias)).T)
