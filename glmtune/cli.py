@@ -51,8 +51,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                         help="weight dtype (default: auto: float32 on CPU, bfloat16/float16 on GPU)")
     parser.add_argument("--quantization-bit", type=int, default=None, choices=(0, 4, 8),
-                        help="weight-only quantization of the base (ChatGLM-6B): 8 or 4 bits "
-                             "(default: the adapter's, else 0 = none)")
+                        help="quantize the base to 8 or 4 bits, or 0 for full weights (default: what the adapter "
+                             "was trained over, else 0); the backend is the adapter's, else ChatGLM's own layout for "
+                             "ChatGLM-6B/2/3 and bitsandbytes for the rest")
     parser.add_argument("--pre-seq-len", type=_positive_int, default=None,
                         help="prefix length of an official P-Tuning checkpoint given as --adapter "
                              "(glmtune adapters record their own)")
@@ -197,7 +198,8 @@ def _setup_logging(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "filelock"):
+    # bitsandbytes warns at every 8-bit matmul of a float32 input (as on the CPU) that it computes in fp16
+    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "filelock", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -222,7 +224,7 @@ def _generator(args):
 
         set_seed(args.seed)
     loaded, info = load_tuned_model(args.model, args.adapter, dtype=args.dtype,
-                                    quantization_bit=args.quantization_bit, pre_seq_len=args.pre_seq_len)
+                                    quantization=args.quantization_bit, pre_seq_len=args.pre_seq_len)
     template = args.template or (info or {}).get("template") or "auto"
     limits = LengthLimits(max_source_length=getattr(args, "max_source_length", None))
     return Generator(loaded, template, limits)
@@ -255,7 +257,7 @@ def _eval_settings(args):
     return EvalSettings(data=args.data, output_dir=args.output, model=args.model, adapter=args.adapter,
                         template=args.template, task=args.task, batch_size=args.batch_size, sampling=_sampling(args),
                         seed=args.seed, max_samples=args.max_samples, max_source_length=args.max_source_length,
-                        dtype=args.dtype, quantization_bit=args.quantization_bit, pre_seq_len=args.pre_seq_len,
+                        dtype=args.dtype, quantization=args.quantization_bit, pre_seq_len=args.pre_seq_len,
                         prompt_column=args.prompt_column, response_column=args.response_column)
 
 

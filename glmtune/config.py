@@ -21,8 +21,8 @@ import yaml
 from glmtune.errors import GlmtuneError
 
 DEFAULT_MODEL = "smollm2-135m"
-TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3")
-DEFAULT_LEARNING_RATES = {"lora": 2e-4, "ptuning": 2e-2}
+TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3", "glm4")
+DEFAULT_LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "ptuning": 2e-2}
 # metric_for_best: eval loss (lower is better) or a generated-answer metric (higher is better)
 BEST_METRICS = ("eval_loss", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "extraction_f1",
                 "classification_accuracy", "classification_micro_f1")
@@ -41,14 +41,23 @@ class ModelOptions:
     template: str = option("auto", "Prompt format: auto (the family's format, else the tokenizer's chat template, "
                            "else plain), chat (the tokenizer's chat template), plain (prompt then answer), "
                            "and the ChatGLM families' own: chatglm ([Round i] history, answer after [gMASK] <sop>), "
-                           "chatglm2 ([Round i] from 1), chatglm3 (role tokens).",
+                           "chatglm2 ([Round i] from 1), chatglm3 (role tokens), and glm4 (GLM-4's role tokens, "
+                           "for a GLM-4 tokenizer without a chat template).",
                            choices=TEMPLATE_CHOICES)
     dtype: str = option("auto", "Weight dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it, else float16.",
                         choices=("auto", "float32", "float16", "bfloat16"))
-    quantization_bit: int = option(0, "Weight-only quantization of the frozen base (ChatGLM-6B/2/3): 8 or 4 bits with "
-                                   "per-row scales as the official code; 0 keeps full weights. Checkpoints stored "
-                                   "quantized (e.g. chatglm-6b-int4, chatglm2-6b-int4) are read as they are.",
-                                   choices=(0, 4, 8))
+    quantization_bit: int | None = option(None, "Quantize the frozen base to 8 or 4 bits; 0 keeps full weights; "
+                                          "default 4 for method qlora, else 0. Checkpoints stored quantized (e.g. "
+                                          "chatglm-6b-int4, chatglm2-6b-int4) are read as they are.",
+                                          choices=(0, 4, 8))
+    quantization_backend: str = option("auto", "How the base is quantized: chatglm (ChatGLM-6B/2/3's own int8/int4 "
+                                       "layout, runs anywhere), bitsandbytes (every family; QLoRA's NF4), auto "
+                                       "(chatglm for ChatGLM-6B/2/3 except with method qlora, else bitsandbytes).",
+                                       choices=("auto", "chatglm", "bitsandbytes"))
+    quantization_type: str = option("nf4", "bitsandbytes 4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.",
+                                    choices=("nf4", "fp4"))
+    double_quantization: bool = option(True, "bitsandbytes 4-bit: quantize the quantization scales too (QLoRA's "
+                                       "double quantization; saves about 0.4 bits per weight).")
 
 
 @dataclass
@@ -68,8 +77,9 @@ class DataOptions:
 
 @dataclass
 class MethodOptions:
-    method: str = option("lora", "Fine-tuning method: lora, or ptuning (P-Tuning v2: a trained key/value prefix "
-                         "in every layer; ChatGLM-6B/2/3).", choices=("lora", "ptuning"))
+    method: str = option("lora", "Fine-tuning method: lora, qlora (LoRA over a 4-bit NF4 or 8-bit bitsandbytes "
+                         "base), or ptuning (P-Tuning v2: a trained key/value prefix in every layer).",
+                         choices=("lora", "qlora", "ptuning"))
     lora_rank: int = option(8, "LoRA rank r.", minimum=1)
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank.", above=0)
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.99)
@@ -91,8 +101,8 @@ class TrainingOptions:
     batch_size: int = option(4, "Training samples per device per step.", minimum=1)
     eval_batch_size: int = option(8, "Samples per device per evaluation step.", minimum=1)
     gradient_accumulation_steps: int = option(1, "Batches accumulated into one optimizer step.", minimum=1)
-    learning_rate: float | None = option(None, "Peak learning rate of AdamW; default 2e-4 for LoRA and 2e-2 for "
-                                         "P-Tuning v2 (the official recipes).", above=0)
+    learning_rate: float | None = option(None, "Peak learning rate of AdamW; default 2e-4 for LoRA and QLoRA, 2e-2 "
+                                         "for P-Tuning v2 (the official recipes).", above=0)
     lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
     warmup_ratio: float = option(0.0, "Fraction of the steps spent warming the learning rate up from 0.", minimum=0, maximum=1)
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0)

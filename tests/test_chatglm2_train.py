@@ -19,27 +19,8 @@ FAMILIES = ["chatglm2", "chatglm3"]
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    """A 2-layer ChatGLM2 / ChatGLM3 (multi-query, 2 groups) with random weights and the real tokenizer."""
-    from glmtune.models.chatglm2.configuration import ChatGLM2Config
-    from glmtune.models.chatglm2.modeling import ChatGLM2ForConditionalGeneration
-
-    folders = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        config = ChatGLM2Config(num_layers=2, padded_vocab_size=65024, hidden_size=64, ffn_hidden_size=96,
-                                kv_channels=16, num_attention_heads=4, multi_query_attention=True,
-                                multi_query_group_num=2, add_qkv_bias=True, seq_length=1024, initializer_range=0.1)
-        config._name_or_path = f"THUDM/{family}-6b"  # how the loader tells ChatGLM3 from ChatGLM2
-        folder = tmp_path_factory.mktemp(f"tiny-{family}")
-        ChatGLM2ForConditionalGeneration(config).save_pretrained(folder)
-        saved = json.loads((folder / "config.json").read_text())
-        saved["_name_or_path"] = f"THUDM/{family}-6b"
-        (folder / "config.json").write_text(json.dumps(saved))
-        shutil.copy(TOKENIZER / "tokenizer.model", folder)
-        shutil.copy(TOKENIZER / f"tokenizer_config.{family}.json", folder / "tokenizer_config.json")
-        folders[family] = folder
-    return folders
+def tiny_dirs(tiny_family_dir):
+    return {family: tiny_family_dir(family) for family in FAMILIES}
 
 
 METHODS = {
@@ -88,7 +69,7 @@ def test_quantized_base_stays_close_and_trains(tiny_dirs, small_data, tmp_path, 
     full = load_model(str(tiny_dirs[family])).model.eval()
     ids = torch.tensor([[64790, 64792, 30910, 36474, 54591]])
     for bits, bound in ((8, 0.02), (4, 0.3)):
-        quantized = load_model(str(tiny_dirs[family]), quantization_bit=bits).model.eval()
+        quantized = load_model(str(tiny_dirs[family]), quantization=bits).model.eval()
         assert isinstance(quantized.transformer.encoder.layers[0].self_attention.query_key_value, QuantizedLinear)
         assert not isinstance(quantized.transformer.output_layer, QuantizedLinear)
         with torch.no_grad():
@@ -177,7 +158,7 @@ def test_int4_checkpoint_loads_as_it_is(tiny_dirs, tmp_path):
     from glmtune.models.loader import load_model
 
     source = tiny_dirs["chatglm2"]
-    quantized = load_model(str(source), quantization_bit=4).model.eval()
+    quantized = load_model(str(source), quantization=4).model.eval()
     folder = tmp_path / "chatglm2-6b-int4"
     folder.mkdir()
     config = json.loads((source / "config.json").read_text())

@@ -17,23 +17,9 @@ pytestmark = pytest.mark.skipif(not (TOKENIZER / "ice_text.model").is_file(),
                                 reason=f"ChatGLM-6B tokenizer fixture not found under {TOKENIZER} (set GLMTUNE_SHARED)")
 
 
-def _save_checkpoint(model, folder):
-    model.save_pretrained(folder)
-    for name in ("ice_text.model", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER / name, folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny_chatglm_dir(tmp_path_factory):
-    """A 2-layer ChatGLM-6B with random weights and the real 130k vocabulary and tokenizer."""
-    from glmtune.models.chatglm.configuration import ChatGLMConfig
-    from glmtune.models.chatglm.modeling import ChatGLMForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = ChatGLMConfig(vocab_size=130528, hidden_size=64, num_layers=2, num_attention_heads=4,
-                           inner_hidden_size=128, max_sequence_length=1024, initializer_range=0.1)
-    return _save_checkpoint(ChatGLMForConditionalGeneration(config), tmp_path_factory.mktemp("tiny-chatglm"))
+def tiny_chatglm_dir(tiny_family_dir):
+    return tiny_family_dir("chatglm")
 
 
 METHODS = {
@@ -141,7 +127,7 @@ def test_quantized_base_stays_close_and_trains_with_both_methods(tiny_chatglm_di
     from glmtune.models.quantization import QuantizedLinear
 
     full = load_model(str(tiny_chatglm_dir)).model.eval()
-    quantized = load_model(str(tiny_chatglm_dir), quantization_bit=bits).model.eval()
+    quantized = load_model(str(tiny_chatglm_dir), quantization=bits).model.eval()
     assert isinstance(quantized.transformer.layers[0].attention.query_key_value, QuantizedLinear)
     ids = torch.tensor([[5, 74874, 130001, 130004, 5, 74874]])
     with torch.no_grad():
@@ -169,7 +155,7 @@ def test_checkpoint_stored_quantized_loads_as_it_is(tiny_chatglm_dir, tmp_path, 
     quantized layer, `quantization_bit` in config.json, pytorch_model.bin."""
     from glmtune.models.loader import load_model
 
-    quantized = load_model(str(tiny_chatglm_dir), quantization_bit=bits).model.eval()
+    quantized = load_model(str(tiny_chatglm_dir), quantization=bits).model.eval()
     folder = tmp_path / f"chatglm-int{bits}"
     folder.mkdir()
     config = json.loads((tiny_chatglm_dir / "config.json").read_text())
@@ -188,7 +174,7 @@ def test_checkpoint_stored_quantized_loads_as_it_is(tiny_chatglm_dir, tmp_path, 
     with torch.no_grad():
         assert torch.equal(loaded.model.eval()(ids).logits, quantized(ids).logits)
     with pytest.raises(Exception, match="stored quantized"):
-        load_model(str(folder), quantization_bit=12 - bits)
+        load_model(str(folder), quantization=12 - bits)
 
 
 def test_template_prompt_equals_the_official_chat_prompt(tiny_chatglm_dir):

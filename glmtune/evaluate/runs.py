@@ -15,6 +15,7 @@ from typing import Any
 
 from glmtune.errors import GlmtuneError
 from glmtune.evaluate.generate import Sampling
+from glmtune.models.kbit import Quantization
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class EvalSettings:
     max_samples: int | None = None
     max_source_length: int | None = None
     dtype: str = "auto"
-    quantization_bit: int | None = None
+    quantization: Any = None  # a Quantization, bits (0: full weights) or None (the adapter's)
     pre_seq_len: int | None = None
     prompt_column: str | None = None
     response_column: str | None = None
@@ -104,7 +105,7 @@ def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, An
     resumed = _prepare_folder(settings, overwrite)
     out = Path(settings.output_dir)
     model, info = load_tuned_model(settings.model, settings.adapter, dtype=settings.dtype,
-                                   quantization_bit=settings.quantization_bit, pre_seq_len=settings.pre_seq_len)
+                                   quantization=settings.quantization, pre_seq_len=settings.pre_seq_len)
     template = settings.template or (info or {}).get("template") or "auto"
     generator = Generator(model, template, LengthLimits(max_source_length=settings.max_source_length))
     answers = write_predictions(generator, samples, out / PREDICTIONS, batch_size=settings.batch_size,
@@ -160,12 +161,12 @@ def run_compare(settings: EvalSettings, *, overwrite: bool = False,
     if overwrite and (out / "report.md").exists():
         (out / "report.md").unlink()
     model = settings.model or info.get("base_model")
-    quantization = settings.quantization_bit if settings.quantization_bit is not None else info.get("quantization_bit")
+    quantization = Quantization.chosen(Quantization.from_record(info), settings.quantization)
     template = settings.template or info.get("template")
     base = replace(settings, output_dir=str(out / "base"), adapter=None, model=model, template=template,
-                   quantization_bit=quantization, pre_seq_len=None)
+                   quantization=quantization, pre_seq_len=None)
     tuned = replace(settings, output_dir=str(out / "tuned"), model=model, template=template,
-                    quantization_bit=quantization)
+                    quantization=quantization)
     before = run_eval(base, overwrite=overwrite)
     after = run_eval(tuned, overwrite=overwrite)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from glmtune.errors import GlmtuneError
-from glmtune.methods.lora import LoraMethod
+from glmtune.methods.lora import LoraMethod, QLoraMethod
 from glmtune.methods.ptuning import PTuningMethod
 
-METHODS = {"lora": LoraMethod, "ptuning": PTuningMethod}
+METHODS = {"lora": LoraMethod, "qlora": QLoraMethod, "ptuning": PTuningMethod}
 
 
 def get_method(name: str):

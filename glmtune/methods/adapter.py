@@ -70,16 +70,17 @@ def check_base_fits(info: dict[str, Any], family: str, fingerprint: dict[str, An
 
 
 def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, dtype: str = "auto",
-                     device: str | None = None, quantization_bit: int | None = None,
-                     pre_seq_len: int | None = None):
+                     device: str | None = None, quantization=None, pre_seq_len: int | None = None):
     """Base model plus (optionally) an adapter, ready for generation; returns (LoadedModel, adapter info).
 
     Without `model_name` the base recorded in the adapter is used (or the default model). An official
     ChatGLM P-Tuning checkpoint folder (no glmtune_adapter.json) is accepted with a model name and, unless
-    its config.json records it, `pre_seq_len`. Without `quantization_bit` the adapter's is used."""
+    its config.json records it, `pre_seq_len`. `quantization` (a Quantization, or just bits; 0 for full
+    weights) overrides the base quantization the adapter was trained over."""
     from glmtune.config import DEFAULT_MODEL
     from glmtune.methods import get_method
     from glmtune.methods.ptuning import OFFICIAL_FILES, load_official, official_checkpoint_info
+    from glmtune.models.kbit import Quantization
     from glmtune.models.loader import default_device, fingerprint, load_model
 
     adapter = Path(adapter_dir) if adapter_dir else None
@@ -94,9 +95,8 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
         info = official_checkpoint_info(adapter, pre_seq_len)
         if info is None:
             read_adapter_info(adapter)  # raises the usual "not a glmtune adapter" message
-    if quantization_bit is None:
-        quantization_bit = (info or {}).get("quantization_bit", 0)
-    loaded = load_model(name, dtype=dtype, device=device or default_device(), quantization_bit=quantization_bit)
+    quantization = Quantization.chosen(Quantization.from_record(info), quantization)
+    loaded = load_model(name, dtype=dtype, device=device or default_device(), quantization=quantization)
     if official:
         info["family"] = loaded.family
         loaded.model = load_official(loaded.model, info, adapter)

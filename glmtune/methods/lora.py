@@ -1,4 +1,5 @@
-"""LoRA through peft: low-rank updates on chosen linear layers, the base frozen."""
+"""LoRA through peft: low-rank updates on chosen linear layers, the base frozen. QLoRA is the same over a
+base that bitsandbytes quantized to 4-bit NF4 (or 8 bits) while loading (glmtune.models.kbit)."""
 
 from __future__ import annotations
 
@@ -65,11 +66,26 @@ class LoraMethod:
         """Fold the low-rank updates into the base weights: same outputs, and generation no longer pays
         for two extra small matmuls in every adapted layer at every step. Over a quantized base the
         adapter stays separate (merging into int weights would round the update away)."""
+        from glmtune.models.kbit import is_bitsandbytes_model
         from glmtune.models.quantization import has_quantized_modules
 
-        if has_quantized_modules(model):
+        if has_quantized_modules(model) or is_bitsandbytes_model(model.get_base_model()):
             return model
         return model.merge_and_unload()
+
+
+class QLoraMethod(LoraMethod):
+    """LoRA whose base was loaded quantized by bitsandbytes (the trainer asks the loader for it); the
+    adapter is an ordinary LoRA adapter and also loads over the full-precision base."""
+
+    name = "qlora"
+
+    def apply(self, model, options, family: str):
+        from glmtune.models.kbit import is_bitsandbytes_model
+
+        if not is_bitsandbytes_model(model):
+            raise GlmtuneError("method qlora needs a base loaded through bitsandbytes (quantization_bit 4 or 8)")
+        return super().apply(model, options, family)
 
 
 def _fit_quantized(model, config):

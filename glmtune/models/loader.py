@@ -15,6 +15,7 @@ from typing import Any
 
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError
+from glmtune.models.kbit import Quantization
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ class LoadedModel:
     family: str
     path: Path  # the checkpoint folder
     name: str  # what the user called it (alias or path), recorded in adapters
-    quantization_bit: int = 0  # weight-only quantization of the base (0: none)
+    quantization: Quantization = Quantization()  # how the frozen base is quantized (bits 0: not at all)
+
+    @property
+    def quantization_bit(self) -> int:
+        return self.quantization.bits
 
     @property
     def stop_ids(self) -> set[int]:
@@ -74,6 +79,15 @@ def detect_family(config: dict[str, Any], name: str = "") -> str:
 
 
 NATIVE_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # glmtune's own model and tokenizer code
+
+
+GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+def _known_tokens(tokenizer, tokens) -> set[int]:
+    """Ids of those `tokens` that are single tokens of this vocabulary."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[t] for t in tokens if t in vocab}
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
@@ -134,32 +148,41 @@ def default_device() -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None,
-               quantization_bit: int = 0) -> LoadedModel:
-    """Load weights and tokenizer. `device` None leaves the model on the CPU (the Trainer places it).
-    `quantization_bit` 8 or 4 quantizes the base's linear layers (native ChatGLM families)."""
+               quantization: Quantization | int = 0) -> LoadedModel:
+    """Load weights and tokenizer. `device` None leaves the model on the CPU (the Trainer places it), except
+    a bitsandbytes base, which is quantized on the device it runs on. `quantization` (or just its bits, 8
+    or 4, with the family's default backend) quantizes the base's linear layers; see glmtune.models.kbit."""
     tokenizer, family, path = load_tokenizer(name)
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise GlmtuneError(f"{path} has a config.json but no weight files (*.safetensors or *.bin)")
     torch_dtype = resolve_dtype(dtype, device or default_device())
+    quantization = Quantization.of(quantization).for_family(family)
+    extra: dict[str, Any] = {}
+    if quantization.backend == "bitsandbytes":
+        from glmtune.models.kbit import bitsandbytes_config, check_bitsandbytes
+
+        target = device or default_device()
+        check_bitsandbytes(target.split(":")[0], family)
+        extra = {"quantization_config": bitsandbytes_config(quantization, torch_dtype), "device_map": {"": target}}
     if family in NATIVE_FAMILIES:
-        model, quantization_bit = _load_native(path, family, torch_dtype, quantization_bit)
+        model, quantization = _load_native(path, family, torch_dtype, quantization, extra)
     else:
-        if quantization_bit:
-            raise GlmtuneError(f"quantization_bit is for the native ChatGLM families; {name} is a {family} model "
-                               "(load it in full precision, quantization_bit: 0)")
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         except (OSError, ValueError, RuntimeError) as e:
             raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
-    if device:
+    if device and not extra:
         model.to(device)
     if family == "chatglm3":  # end answers where the official chat() does
         model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))
+    if family == "glm4":  # a turn ends at eos or where the next role would start, as GLM-4's generation_config says
+        model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer, model.generation_config)
+                                                      | _known_tokens(tokenizer, GLM4_STOP_TOKENS))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, family, path, name, quantization_bit)
+    return LoadedModel(model, tokenizer, family, path, name, quantization)
 
 
 def _native_classes(family: str):
@@ -175,10 +198,10 @@ def _native_classes(family: str):
     return ChatGLM2Config, ChatGLM2ForConditionalGeneration, lambda model: model.transformer.encoder
 
 
-def _load_native(path: Path, family: str, torch_dtype, quantization_bit: int):
+def _load_native(path: Path, family: str, torch_dtype, quantization: Quantization, extra: dict[str, Any]):
     """A native ChatGLM family from an official folder (bin shards or safetensors). A checkpoint stored
     quantized (config quantization_bit 4/8) loads as it is; a full one is quantized after loading when
-    asked."""
+    asked (ChatGLM's layout), or while loading (bitsandbytes, through `extra`)."""
     from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, quantize_modules
 
     config_class, model_class, quantized_part = _native_classes(family)
@@ -189,17 +212,23 @@ def _load_native(path: Path, family: str, torch_dtype, quantization_bit: int):
         raise GlmtuneError(f"{path} stores quantized embeddings (the -qe checkpoints); glmtune reads the int4/int8 "
                            "checkpoints with full embeddings (e.g. chatglm-6b-int4, chatglm2-6b-int4)")
     stored = config.quantization_bit or 0
-    if stored and quantization_bit and quantization_bit != stored:
+    if stored and quantization.backend == "bitsandbytes":
+        raise GlmtuneError(f"{path} is stored quantized in ChatGLM's own {stored}-bit layout; bitsandbytes cannot "
+                           "re-quantize it (use the full-precision checkpoint for method qlora, or method lora "
+                           "on this one)")
+    if stored and quantization.bits and quantization.bits != stored:
         raise GlmtuneError(f"{path} is stored quantized to {stored} bits; it cannot be loaded with "
-                           f"quantization_bit {quantization_bit} (use {stored} or leave it out)")
+                           f"quantization_bit {quantization.bits} (use {stored} or leave it out)")
     try:
-        model = model_class.from_pretrained(path, config=config, dtype=torch_dtype)
+        model = model_class.from_pretrained(path, config=config, dtype=torch_dtype, **extra)
     except (OSError, ValueError, RuntimeError) as e:
         raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
-    if quantization_bit and not stored:
-        quantize_modules(quantized_part(model), quantization_bit, CHATGLM_QUANTIZED_NAMES)
-        model.config.quantization_bit = quantization_bit
-    return model, stored or quantization_bit
+    if stored:
+        return model, Quantization(bits=stored, backend="chatglm")
+    if quantization.backend == "chatglm":
+        quantize_modules(quantized_part(model), quantization.bits, CHATGLM_QUANTIZED_NAMES)
+        model.config.quantization_bit = quantization.bits
+    return model, quantization
 
 
 def fingerprint(config) -> dict[str, Any]:

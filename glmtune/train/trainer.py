@@ -8,13 +8,14 @@ Layout of a run (OUT = output_dir):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.methods.adapter import write_adapter_info
+from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, fingerprint, load_model
 from glmtune.train.callbacks import EvaluateEachEpoch, JsonlLog, KeepBestAdapter, ProgressBar
 from glmtune.train.loss import LabelledLossTrainer
@@ -194,8 +196,10 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
     check_report_to(cfg.report_to)
 
+    quantization = requested_quantization(cfg)
+    cfg = replace(cfg, quantization_bit=quantization.bits)  # resolved_config.yaml records the bits used
     set_seed(cfg.seed)  # before the method initialises its weights, so a seed fixes the whole run
-    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, quantization_bit=cfg.quantization_bit)
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, quantization=quantization)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
     encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids)
     limits = _limits(cfg)
@@ -223,7 +227,8 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         write_adapter_info(directory, method=cfg.method, family=loaded.family, base_model=loaded.name,
                            fingerprint=fingerprint(loaded.model.config), template=template.name,
                            parameters=parameters,
-                           extra={"quantization_bit": loaded.quantization_bit, **extra})
+                           extra={"quantization_bit": loaded.quantization_bit,
+                                  "quantization": loaded.quantization.record(), **extra})
 
     from transformers.trainer_callback import PrinterCallback
 
@@ -232,16 +237,17 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         callbacks.append(KeepBestAdapter(out / "best", save_adapter, cfg.metric_for_best, cfg.early_stopping_patience))
         if cfg.eval_each_epoch:
             callbacks.append(EvaluateEachEpoch())
-    trainer = LabelledLossTrainer(
-        model=model,
-        args=_training_arguments(cfg, out, bool(dev_features)),
-        data_collator=PadCollator(loaded.tokenizer.pad_token_id, side="right"),
-        train_dataset=FeatureDataset(train_features),
-        eval_dataset=FeatureDataset(dev_features) if dev_features else None,
-        callbacks=callbacks,
-        answer_metrics=_answer_metrics(cfg, loaded, template.name, dev_samples)
-        if cfg.metric_for_best != "eval_loss" else None,
-    )
+    with _adapter_marked(model):
+        trainer = LabelledLossTrainer(
+            model=model,
+            args=_training_arguments(cfg, out, bool(dev_features)),
+            data_collator=PadCollator(loaded.tokenizer.pad_token_id, side="right"),
+            train_dataset=FeatureDataset(train_features),
+            eval_dataset=FeatureDataset(dev_features) if dev_features else None,
+            callbacks=callbacks,
+            answer_metrics=_answer_metrics(cfg, loaded, template.name, dev_samples)
+            if cfg.metric_for_best != "eval_loss" else None,
+        )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressBar and JsonlLog cover them
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -279,6 +285,38 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     return TrainResult(out, adapter_dir, best_dir, metrics, model, template.name)
 
 
+@contextlib.contextmanager
+def _adapter_marked(model):
+    """The Trainer refuses a bitsandbytes model unless transformers' adapter flag says trainable adapters are
+    attached; a P-Tuning prefix is one (peft LoRA models pass by their type). The flag is set only while
+    the Trainer is built."""
+    from glmtune.models.kbit import is_bitsandbytes_model
+
+    marked = is_bitsandbytes_model(model) and not getattr(model, "_hf_peft_config_loaded", False)
+    if marked:
+        model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if marked:
+            model._hf_peft_config_loaded = False
+
+
+def requested_quantization(cfg: TrainConfig) -> Quantization:
+    """The base quantization the options ask for. QLoRA is LoRA over a bitsandbytes base, 4-bit unless
+    quantization_bit says 8; the other methods quantize only when quantization_bit is set."""
+    if cfg.method != "qlora":
+        return Quantization(bits=cfg.quantization_bit or 0, backend=cfg.quantization_backend,
+                            quant_type=cfg.quantization_type, double_quant=cfg.double_quantization)
+    if cfg.quantization_bit == 0:
+        raise GlmtuneError("method qlora trains LoRA over a 4-bit or 8-bit base; quantization_bit 0 is method lora")
+    if cfg.quantization_backend == "chatglm":
+        raise GlmtuneError("method qlora quantizes the base with bitsandbytes; for LoRA over ChatGLM's own int8/int4 "
+                           "layout use method: lora with quantization_bit")
+    return Quantization(bits=cfg.quantization_bit or 4, backend="bitsandbytes", quant_type=cfg.quantization_type,
+                        double_quant=cfg.double_quantization)
+
+
 def _check_answer_options(cfg: TrainConfig, dev_samples) -> None:
     """metric_for_best, early stopping and eval_generate need dev answers, and a task metric needs rows of
     that task: say so before anything is loaded."""
@@ -297,8 +335,6 @@ def _check_answer_options(cfg: TrainConfig, dev_samples) -> None:
 def _answer_metrics(cfg: TrainConfig, loaded: LoadedModel, template: str, dev_samples):
     """A callable that answers the dev prompts with the model being trained and returns the metrics, flat:
     overall ones by name (bleu-4) and task ones as task_name (extraction_f1)."""
-    from dataclasses import replace
-
     from glmtune.evaluate.generate import Generator, Sampling
     from glmtune.evaluate.metrics import compute_metrics
 
@@ -332,7 +368,7 @@ def _compare_after_training(cfg: TrainConfig, loaded: LoadedModel, template: str
                             template=template, batch_size=cfg.eval_batch_size,
                             sampling=Sampling(max_new_tokens=cfg.eval_max_new_tokens), max_samples=cfg.max_eval_samples,
                             max_source_length=cfg.max_source_length, dtype=cfg.dtype,
-                            quantization_bit=loaded.quantization_bit, prompt_column=cfg.prompt_column,
+                            quantization=loaded.quantization, prompt_column=cfg.prompt_column,
                             response_column=cfg.response_column)
     report, _, _ = run_compare(settings, overwrite=True)
     log.info("before/after report written to %s", report)
