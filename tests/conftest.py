@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,109 @@ def logged(run_dir, key):
 @pytest.fixture(scope="session")
 def log_values():
     return logged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny random checkpoints of every family, for the method-by-family tests
+
+GLM4_SPECIAL_TOKENS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+                       "<|endoftext|>"]
+# GLM-4's chat template reduced to plain messages (the real one also renders tools): [gMASK]<sop>, then
+# <|role|>\n{content} per message, <|assistant|> to ask for an answer.
+GLM4_CHAT_TEMPLATE = ("[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chatglm_tokenizer_dir(name: str) -> Path:
+    from glmtune.paths import shared_dir
+
+    folder = shared_dir() / "fixtures" / "tokenizers" / name
+    vocabulary = "ice_text.model" if name == "chatglm-6b" else "tokenizer.model"
+    if not (folder / vocabulary).is_file():
+        pytest.skip(f"{name} tokenizer fixture not found under {folder} (set GLMTUNE_SHARED)")
+    return folder
+
+
+def _tiny_chatglm(folder: Path) -> Path:
+    """A 2-layer ChatGLM-6B with random weights and the real 130k vocabulary and tokenizer."""
+    import torch
+    from glmtune.models.chatglm.configuration import ChatGLMConfig
+    from glmtune.models.chatglm.modeling import ChatGLMForConditionalGeneration
+
+    tokenizer = chatglm_tokenizer_dir("chatglm-6b")
+    torch.manual_seed(0)
+    config = ChatGLMConfig(vocab_size=130528, hidden_size=64, num_layers=2, num_attention_heads=4,
+                           inner_hidden_size=128, max_sequence_length=1024, initializer_range=0.1)
+    ChatGLMForConditionalGeneration(config).save_pretrained(folder)
+    for name in ("ice_text.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, folder)
+    return folder
+
+
+def _tiny_chatglm2(folder: Path, family: str) -> Path:
+    """A 2-layer ChatGLM2 / ChatGLM3 (multi-query, 2 groups) with random weights and the real tokenizer."""
+    import torch
+    from glmtune.models.chatglm2.configuration import ChatGLM2Config
+    from glmtune.models.chatglm2.modeling import ChatGLM2ForConditionalGeneration
+
+    tokenizer = chatglm_tokenizer_dir("chatglm2-6b")
+    torch.manual_seed(0)
+    config = ChatGLM2Config(num_layers=2, padded_vocab_size=65024, hidden_size=64, ffn_hidden_size=96,
+                            kv_channels=16, num_attention_heads=4, multi_query_attention=True,
+                            multi_query_group_num=2, add_qkv_bias=True, seq_length=1024, initializer_range=0.1)
+    ChatGLM2ForConditionalGeneration(config).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["_name_or_path"] = f"THUDM/{family}-6b"  # how the loader tells ChatGLM3 from ChatGLM2
+    (folder / "config.json").write_text(json.dumps(saved))
+    shutil.copy(tokenizer / "tokenizer.model", folder)
+    shutil.copy(tokenizer / f"tokenizer_config.{family}.json", folder / "tokenizer_config.json")
+    return folder
+
+
+def _tiny_glm4(folder: Path, tokenizer) -> Path:
+    """A 2-layer GLM-4 (transformers' glm4: grouped-query attention, head_dim not hidden/heads, partial
+    rotary) with random weights, and a tokenizer carrying GLM-4's special tokens, chat template and stop
+    tokens (the default model's vocabulary underneath)."""
+    import copy
+
+    import torch
+    from transformers import Glm4Config, Glm4ForCausalLM, GenerationConfig
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": GLM4_SPECIAL_TOKENS})
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.chat_template = GLM4_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(0)
+    config = Glm4Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=1024,
+                        pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|endoftext|>"),
+                        initializer_range=0.2)
+    Glm4ForCausalLM(config).save_pretrained(folder)
+    GenerationConfig(eos_token_id=[ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")],
+                     pad_token_id=ids("<|endoftext|>")).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory, tiny_model_dir, tokenizer):
+    """tiny_family_dir(family) -> a checkpoint folder of a tiny random model of that family (built once);
+    skips where a ChatGLM tokenizer fixture is missing."""
+    built: dict[str, Path] = {"generic": tiny_model_dir}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            target = tmp_path_factory.mktemp(f"tiny-{family}")
+            if family == "chatglm":
+                built[family] = _tiny_chatglm(target)
+            elif family in ("chatglm2", "chatglm3"):
+                built[family] = _tiny_chatglm2(target, family)
+            elif family == "glm4":
+                built[family] = _tiny_glm4(target, tokenizer)
+            else:
+                raise ValueError(family)
+        return built[family]
+
+    return folder

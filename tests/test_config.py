@@ -140,3 +140,16 @@ def test_docs_list_every_option_as_the_code_defines_it():
     assert text.endswith("## Options\n" + tables), "run: python tools/make_option_table.py --write"
     for f in fields(TrainConfig):
         assert f"| `{f.name}` | `{f.default}` |" in tables
+
+
+def test_every_example_config_is_valid():
+    from pathlib import Path
+
+    from glmtune.config import build_config
+
+    root = Path(__file__).resolve().parent.parent
+    examples = sorted((root / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        config = build_config(TrainConfig, [(str(path), read_config_file(path))])
+        assert config.train_file, path

@@ -227,11 +227,45 @@ class ChatGLM3Template(Template):
         return segments
 
 
+class GLM4Template(Template):
+    """GLM-4's role-token layout, as its Hugging Face chat template renders it: `[gMASK]<sop>`, then per
+    message its role token, `\n` and the text; a prompt for generation ends with `<|assistant|>`. The
+    trained part of an assistant turn is its `\n` and text, then the encoder's end-of-sequence token
+    (`<|endoftext|>`), exactly what `template: chat` gives with a GLM-4 tokenizer. Used when a GLM-4
+    tokenizer has no chat template of its own.
+    """
+
+    name = "glm4"
+
+    def render(self, messages: list[Message]) -> list[Segment]:
+        segments: list[Segment] = []
+        pending = [Part("[gMASK]", False, special=True), Part("<sop>", False, special=True)]
+        for message in messages:
+            if message.role == "assistant":
+                segments.append(Segment(pending + [Part("<|assistant|>", False, special=True)]))
+                segments.append(Segment([Part("\n", False), Part(message.content, True)], answer=True,
+                                        trainable=message.trainable))
+                pending = []
+            else:
+                pending += [Part(f"<|{message.role}|>", False, special=True), Part("\n", False),
+                            Part(message.content, True)]
+        if pending:
+            segments.append(Segment(pending + [Part("<|assistant|>", False, special=True)]))
+        return [Segment([p for p in s.parts if p.text], s.answer, s.trainable) for s in segments]
+
+
 FAMILY_TEMPLATES = {"chatglm": ChatGLMTemplate, "chatglm2": ChatGLM2Template, "chatglm3": ChatGLM3Template}
+# Families whose own layout is only the fallback for a tokenizer without a chat template.
+FALLBACK_TEMPLATES = {"glm4": GLM4Template}
 
 
 def get_template(name: str, tokenizer, family: str = "generic") -> Template:
-    """The template called `name` ('auto' picks the family's own, else the chat template, else plain)."""
+    """The template called `name` ('auto' picks the family's own, else the chat template, else the family's
+    fallback layout, else plain)."""
+    fallback = FALLBACK_TEMPLATES.get(family)
+    if fallback is not None and (name == fallback.name or (name == "auto" and not getattr(tokenizer, "chat_template",
+                                                                                         None))):
+        return fallback()
     own = FAMILY_TEMPLATES.get(family)
     if own is not None:
         if name not in ("auto", own.name):
@@ -243,6 +277,6 @@ def get_template(name: str, tokenizer, family: str = "generic") -> Template:
         return ChatTemplate(tokenizer)
     if name == "plain":
         return PlainTemplate()
-    if name in {t.name for t in FAMILY_TEMPLATES.values()}:
+    if name in {t.name for t in [*FAMILY_TEMPLATES.values(), *FALLBACK_TEMPLATES.values()]}:
         raise GlmtuneError(f"template {name} is for {name} models only; this is a {family} model (use auto)")
     raise GlmtuneError(f"unknown template {name!r}; use auto, chat or plain")
