@@ -142,3 +142,37 @@ def test_ptuning_on_transformers_models_resumes_to_the_uninterrupted_result(fami
     assert expected.keys() == actual.keys()
     for name, tensor in expected.items():
         assert torch.allclose(tensor, actual[name], atol=1e-5), name
+
+
+def test_glm4_p_tuning_through_the_commands_train_predict_and_chat(tiny_family_dir, small_data, tmp_path, capsys):
+    """`glmtune train`, `predict` and `chat` on a GLM-4 checkpoint, the adapter named alone."""
+    import os
+    import subprocess
+    import sys
+
+    from glmtune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", f"model={tiny_family_dir('glm4')}", f"train_file={small_data[0]}", f"output_dir={out}",
+                 "method=ptuning", "pre_seq_len=4", "max_steps=2", "batch_size=4"]) == 0
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["predict", "--adapter", str(out / "adapter"), "--input", str(small_data[1]), "--output",
+                 str(predictions), "--max-new-tokens", "4"]) == 0
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 4 and all(isinstance(r["prediction"], str) for r in rows)
+    chat = subprocess.run([sys.executable, "-m", "glmtune", "chat", "--adapter", str(out / "adapter"),
+                           "--max-new-tokens", "4"], input="你好\nexit\n", capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONIOENCODING="utf-8"), timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("assistant> ") == 1 and "Traceback" not in chat.stderr
+
+
+def test_a_prefix_as_long_as_the_context_is_refused_before_anything_is_written(tiny_model_dir, small_data, tmp_path,
+                                                                               capsys):
+    from glmtune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", f"model={tiny_model_dir}", f"train_file={small_data[0]}", f"output_dir={out}",
+                 "method=ptuning", "pre_seq_len=1024"]) == 2
+    assert "pre_seq_len 1024 leaves no room for text: the model's context is 1024" in capsys.readouterr().err
+    assert not out.exists()
