@@ -305,15 +305,15 @@ def _adapter_marked(model):
 def requested_quantization(cfg: TrainConfig) -> Quantization:
     """The base quantization the options ask for. QLoRA is LoRA over a bitsandbytes base, 4-bit unless
     quantization_bit says 8; the other methods quantize only when quantization_bit is set."""
-    if cfg.method != "qlora":
-        return Quantization(bits=cfg.quantization_bit or 0, backend=cfg.quantization_backend,
-                            quant_type=cfg.quantization_type, double_quant=cfg.double_quantization)
-    if cfg.quantization_bit == 0:
-        raise GlmtuneError("method qlora trains LoRA over a 4-bit or 8-bit base; quantization_bit 0 is method lora")
-    if cfg.quantization_backend == "chatglm":
-        raise GlmtuneError("method qlora quantizes the base with bitsandbytes; for LoRA over ChatGLM's own int8/int4 "
-                           "layout use method: lora with quantization_bit")
-    return Quantization(bits=cfg.quantization_bit or 4, backend="bitsandbytes", quant_type=cfg.quantization_type,
+    bits, backend = cfg.quantization_bit or 0, cfg.quantization_backend
+    if cfg.method == "qlora":
+        if cfg.quantization_bit == 0:
+            raise GlmtuneError("method qlora trains LoRA over a 4-bit or 8-bit base; quantization_bit 0 is method lora")
+        if backend == "chatglm":
+            raise GlmtuneError("method qlora quantizes the base with bitsandbytes; for LoRA over ChatGLM's own "
+                               "int8/int4 layout use method: lora with quantization_bit")
+        bits, backend = cfg.quantization_bit or 4, "bitsandbytes"
+    return Quantization(bits=bits, backend=backend, quant_type=cfg.quantization_type,
                         double_quant=cfg.double_quantization)
 
 
