@@ -73,6 +73,11 @@ class DataOptions:
     max_train_samples: int | None = option(None, "Use only the first N training samples.", minimum=1)
     max_eval_samples: int | None = option(None, "Use only the first N dev samples.", minimum=1)
     group_by_length: bool = option(True, "Batch samples of similar length together so less compute goes to padding.")
+    packing: bool = option(False, "Pack several samples into each training sequence of up to cutoff_len tokens "
+                           "(no compute on padding); attention stays inside each sample and positions restart, so "
+                           "the loss is unchanged. batch_size then counts packed sequences.")
+    dataset_cache: bool = option(True, "Keep tokenized data in glmtune's cache (keyed by file content, tokenizer, "
+                                 "template and limits) so the next run skips tokenizing.")
 
 
 @dataclass

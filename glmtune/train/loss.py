@@ -1,8 +1,12 @@
-"""Causal-LM loss that projects to the vocabulary only where a label exists.
+"""Causal-LM loss that projects to the vocabulary only where a label exists, a chunk at a time.
 
 A causal LM computes logits (batch x sequence x vocabulary, in float32) at every position, although
 only answer positions carry labels; the prompt's logits are thrown away. Here the decoder runs once,
-the hidden states of labelled positions are gathered, and only those go through the output layer.
+the hidden states of labelled positions are gathered, and only those go through the output layer, a
+few hundred rows at a time, so no [tokens, vocabulary] float32 tensor exists at once (for ChatGLM-6B's
+130,528-word vocabulary one row is half a megabyte). With a frozen output layer the gradient for the
+hidden states is computed chunk by chunk during the forward pass and kept ([tokens, hidden], small);
+a trainable output layer gets its chunks recomputed in the backward pass instead.
 The result equals the model's own loss; for architectures that change logits after the output layer
 (soft-capping, scaling) that would not hold, so the first batch is checked against the model's own
 loss and the plain path is used where they disagree.
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from glmtune.data.collate import REAL_TOKENS
 from glmtune.data.preprocess import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,61 @@ def _parts(model):
     return decoder, head
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 23  # float32 logits per chunk: 32 MiB
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(1, LOGIT_CHUNK_ELEMENTS // vocab_size)
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, for a frozen, bias-free output layer.
+    The softmax gradient is turned into the hidden states' gradient chunk by chunk while the logits are
+    at hand, so the backward pass only scales it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows):
+            logits = (hidden[start:start + rows] @ weight.T).float()
+            picked = targets[start:start + rows]
+            norm = torch.logsumexp(logits, dim=-1)
+            total += (norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(picked), device=probs.device), picked] -= 1.0
+                grad[start:start + rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of cross_entropy(head(hidden), targets), never holding more than one chunk of logits."""
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if weight is not None else head.out_features
+    rows = chunk_rows(vocab)
+    if type(head) is torch.nn.Linear and head.bias is None and not weight.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(hidden, weight, targets, rows)
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        part = (head, hidden[start:start + rows], targets[start:start + rows])
+        grad_needed = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+        total = total + (checkpoint(_chunk_loss, *part, use_reentrant=False) if grad_needed else _chunk_loss(*part))
+    return total
+
+
 def labelled_loss_sum(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies over labelled positions, number of those positions)."""
     decoder, head = _parts(model)
@@ -42,8 +102,7 @@ def labelled_loss_sum(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Ten
     hidden = decoder(**features, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+    return chunked_cross_entropy(head, hidden[:, :-1][keep], targets[keep]), keep.sum()
 
 
 def labelled_positions_loss(model, inputs: dict[str, torch.Tensor], num_items: int | torch.Tensor | None = None):
@@ -52,13 +111,27 @@ def labelled_positions_loss(model, inputs: dict[str, torch.Tensor], num_items: i
     return total / (num_items if num_items is not None else count.clamp(min=1))
 
 
-class LabelledLossTrainer(Trainer):
-    """The Trainer with `labelled_positions_loss`, after one check that it equals the model's own loss."""
+def model_inputs(batch: dict) -> dict:
+    """The batch without glmtune's own bookkeeping (the real-token count), as the model takes it."""
+    return {k: v for k, v in batch.items() if k != REAL_TOKENS}
 
-    def __init__(self, *args, answer_metrics=None, **kwargs):
+
+class LabelledLossTrainer(Trainer):
+    """The Trainer with `labelled_positions_loss`, after one check that it equals the model's own loss.
+    `labelled_logits=False` keeps the model's own loss (logits at every position), for comparisons."""
+
+    def __init__(self, *args, answer_metrics=None, labelled_logits: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fast_loss: bool | None = None if _parts(self.model) else False
+        self.fast_loss: bool | None = None if labelled_logits and _parts(self.model) else False
         self.answer_metrics = answer_metrics  # callable(model) -> {name: value}, from answers to dev prompts
+
+    def _track_num_input_tokens(self, inputs):
+        """Tokens seen are the real ones the collator counted: with packed rows neither an attention mask
+        nor the pad token tells them apart."""
+        if REAL_TOKENS not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        count = torch.as_tensor(inputs[REAL_TOKENS], device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """A plain model that trains a few of its tensors (P-Tuning v2) checkpoints only those: a 6B base
@@ -89,6 +162,7 @@ class LabelledLossTrainer(Trainer):
         return same
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = model_inputs(inputs)
         if self.fast_loss is None:
             self.fast_loss = self._check_fast_loss(model, inputs)
         # Logits are needed only by a compute_metrics function (glmtune evaluates by generating instead).
@@ -115,7 +189,7 @@ class LabelledLossTrainer(Trainer):
         count = torch.zeros((), dtype=torch.int64, device=self.args.device)
         with torch.no_grad():
             for batch in self.get_eval_dataloader(dataset):
-                batch = self._prepare_inputs(batch)
+                batch = model_inputs(self._prepare_inputs(batch))
                 if self.fast_loss is None:
                     self.fast_loss = self._check_fast_loss(model, batch)
                 with self.compute_loss_context_manager():

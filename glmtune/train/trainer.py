@@ -23,9 +23,11 @@ import torch
 from transformers import set_seed
 
 from glmtune.config import DEFAULT_LEARNING_RATES, TrainConfig, to_yaml
-from glmtune.data.collate import PadCollator
+from glmtune.data.cache import encode_cached
+from glmtune.data.collate import PackCollator, PadCollator, restarting_positions
 from glmtune.data.formats import load_samples
-from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport, encode_samples
+from glmtune.data.packing import pack_features
+from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport
 from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
@@ -203,12 +205,26 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
     encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids)
     limits = _limits(cfg)
-    train_features, train_report = encode_samples(train_samples, encoder, limits, name="train")
+    key = {**columns, "template": template.name}
+    train_features, train_report, _ = encode_cached(cfg.train_file, train_samples, encoder, limits, name="train",
+                                                    key_extra=key, enabled=cfg.dataset_cache)
     log.info(train_report.summary("train", limits))
-    dev_features, dev_report = encode_samples(dev_samples, encoder, limits, name="dev") if dev_samples else ([], None)
+    dev_features, dev_report = [], None
+    if dev_samples:
+        dev_features, dev_report, _ = encode_cached(cfg.dev_file, dev_samples, encoder, limits, name="dev",
+                                                    key_extra=key, enabled=cfg.dataset_cache)
+        dev_features = list(dev_features)
     dev_features.sort(key=lambda f: len(f["input_ids"]))  # evaluation batches in order: little padding
     if dev_report:
         log.info(dev_report.summary("dev", limits))
+
+    collator = PadCollator(loaded.tokenizer.pad_token_id, side="right", count_tokens=True)
+    if cfg.packing:
+        collator = pack_collator(loaded)
+        samples = len(train_features)
+        train_features = pack_features(train_features, cfg.cutoff_len)
+        log.info("packing: %d training samples in %d sequences of up to %d tokens", samples, len(train_features),
+                 cfg.cutoff_len)
 
     method = get_method(cfg.method)
     parameters = method.parameters(cfg, loaded.family)
@@ -241,7 +257,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         trainer = LabelledLossTrainer(
             model=model,
             args=_training_arguments(cfg, out, bool(dev_features)),
-            data_collator=PadCollator(loaded.tokenizer.pad_token_id, side="right"),
+            data_collator=collator,
             train_dataset=FeatureDataset(train_features),
             eval_dataset=FeatureDataset(dev_features) if dev_features else None,
             callbacks=callbacks,
@@ -283,6 +299,25 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
              if best_dir else "")
     model.config.use_cache = True
     return TrainResult(out, adapter_dir, best_dir, metrics, model, template.name)
+
+
+def pack_collator(loaded: LoadedModel) -> PackCollator:
+    """The collator for packed rows, with the layout the family reads packed samples from. transformers'
+    models read restarting positions only through their shared mask code; older ones would let packed
+    samples see each other, so they are refused."""
+    layout = restarting_positions
+    if loaded.family == "chatglm":
+        from glmtune.models.chatglm.modeling import packed_layout
+
+        layout = packed_layout(loaded.model.config)
+    elif loaded.family != "chatglm2" and loaded.family != "chatglm3":
+        model = loaded.model
+        implementation = getattr(model.config, "_attn_implementation", None)
+        if not getattr(model, "_supports_attention_backend", False) or implementation not in ("sdpa", "eager"):
+            raise GlmtuneError(f"packing needs a model whose attention keeps packed samples apart (transformers' "
+                               f"sdpa or eager attention); {type(model).__name__} with {implementation} attention "
+                               "cannot: train without packing")
+    return PackCollator(loaded.tokenizer.pad_token_id, layout=layout, count_tokens=True)
 
 
 @contextlib.contextmanager

@@ -88,6 +88,31 @@ def token_layout(input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: t
     return position_ids, ~allowed[:, None]
 
 
+def packed_layout(config: ChatGLMConfig):
+    """For glmtune.data.collate.PackCollator: each packed sample gets its own ChatGLM-6B layout (2D
+    positions, bidirectional context) and sees no other sample. The padding after a row's last sample
+    attends causally among itself only; its outputs are never used."""
+
+    def layout(input_ids: torch.Tensor, lengths: list[list[int]]) -> dict[str, torch.Tensor]:
+        batch, length = input_ids.shape
+        shape = (batch, 2, length) if config.position_encoding_2d else (batch, length)
+        positions = torch.zeros(shape, dtype=torch.long)
+        blocked = torch.ones(batch, 1, length, length, dtype=torch.bool)
+        for row, row_lengths in enumerate(lengths):
+            start = 0
+            for n in row_lengths:
+                ids = input_ids[row:row + 1, start:start + n]
+                sample_positions, sample_blocked = token_layout(ids, config, torch.ones_like(ids))
+                positions[row, ..., start:start + n] = sample_positions[0]
+                blocked[row, :, start:start + n, start:start + n] = sample_blocked[0]
+                start += n
+            tail = torch.ones(length - start, length - start, dtype=torch.bool).triu(1)
+            blocked[row, 0, start:, start:] = tail
+        return {"position_ids": positions, "attention_mask": blocked}
+
+    return layout
+
+
 # ---------------------------------------------------------------- building blocks
 
 def rotary_tables(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

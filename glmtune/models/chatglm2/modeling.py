@@ -34,16 +34,19 @@ PREFIX_DROPOUT = 0.1  # the official dropout on the P-Tuning prefix while traini
 
 
 def blocked_mask(padding_mask: torch.Tensor | None, batch: int, length: int, past: int, prefix: int,
-                 device) -> torch.Tensor:
+                 device, segments: torch.Tensor | None = None) -> torch.Tensor:
     """[batch, 1, length, prefix + past + length] bool, True where attention is blocked.
 
     Causal over the cache and the new tokens, padding columns blocked, the prefix always visible. With
     neither cache nor prefix, padding rows are left fully open, as the official code does (their outputs
-    are never used, and a fully blocked row would be NaN).
+    are never used, and a fully blocked row would be NaN). `segments` [batch, length] (packed samples,
+    see packed_segments) also blocks attention between different samples.
     """
     total = past + length
     query_at = torch.arange(past, total, device=device)[:, None]
     blocked = (torch.arange(total, device=device)[None, :] > query_at)[None].expand(batch, -1, -1)
+    if segments is not None:
+        blocked = blocked | (segments[:, :, None] != segments[:, None, :])
     if padding_mask is not None:
         real = padding_mask[:, -total:].bool()
         blocked = blocked | ~real[:, None, :]
@@ -52,6 +55,14 @@ def blocked_mask(padding_mask: torch.Tensor | None, batch: int, length: int, pas
     if prefix:
         blocked = torch.cat((torch.zeros(batch, length, prefix, dtype=torch.bool, device=device), blocked), dim=-1)
     return blocked[:, None]
+
+
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Which packed sample each token belongs to ([batch, seq]): a new one starts wherever the position
+    does not go up by one (the convention of transformers' models); None when every row is one sample."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    segments = (step != 1).cumsum(-1)
+    return segments if bool((segments[:, -1] > 0).any()) else None
 
 
 def positions_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
@@ -279,11 +290,14 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
                 position_ids = positions_from_padding(attention_mask)[:, -length:]
             else:
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None].expand(batch, -1)
+        # Packed samples (glmtune.data.packing) come as restarting positions with no mask, as for
+        # transformers' models; with a cache the positions are the generation's own.
+        segments = packed_segments(position_ids) if attention_mask is None and not past else None
         prefix = None
         if self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, inputs_embeds.dtype, inputs_embeds.device)
         blocked = blocked_mask(attention_mask, batch, length, past, config.pre_seq_len if prefix else 0,
-                               inputs_embeds.device)
+                               inputs_embeds.device, segments)
         rotary = rotary_table(config, position_ids, inputs_embeds.dtype)
 
         hidden = inputs_embeds
