@@ -1,4 +1,4 @@
-"""The `glmtune` command: train, predict, eval, compare, metrics, chat, demo and data tools.
+"""The `glmtune` command: train, predict, eval, compare, metrics, chat, demo, bench and data tools.
 
 Errors a user can fix (GlmtuneError) are printed as one line without a traceback and exit with status 2.
 """
@@ -163,6 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
                       help="evaluate on the first N dev rows (default: the demo recipe's)")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
 
+    bench = commands.add_parser(
+        "bench", allow_abbrev=False, help="training speed, memory and utilisation: glmtune's recipe vs the tutorials'",
+        usage="glmtune bench [CONFIG.yaml|.json] [key=value ...] --data FILE [--steps N] [--recipe R] [--option VALUE ...]",
+        description="Runs warm-up plus N optimizer steps of glmtune's training recipe and of the ChatGLM tutorials' "
+                    "recipe (every sample padded to max_source_length + max_target_length, gradient checkpointing "
+                    "on, logits at every position), each in a process of its own, on the same model, method and "
+                    "data, and prints steps/s, samples/s, real and padded tokens/s, peak memory and model FLOPs "
+                    "utilisation against the device's matmul peak measured in the same run (docs/benchmarks.md), "
+                    "as a table and as one JSON line. Training options work as for train; without length limits "
+                    "the tutorials' max_source_length=100 and max_target_length=100 apply to both recipes.")
+    bench.add_argument("--data", dest="train_file", default=argparse.SUPPRESS, metavar="FILE",
+                       help="training data (any format train accepts)")
+    bench.add_argument("--steps", type=_positive_int, default=10, metavar="N",
+                       help="timed optimizer steps (default: 10)")
+    bench.add_argument("--warmup-steps", type=_positive_int, default=2, metavar="N",
+                       help="optimizer steps before timing starts (default: 2)")
+    bench.add_argument("--recipe", default="both", choices=("both",) + ("glmtune", "tutorial"),
+                       help="which recipe(s) to run (default: both, side by side)")
+    bench.add_argument("--in-process", action="store_true",
+                       help="run the recipes in this process instead of one fresh process each")
+    bench.add_argument("--json", dest="json_file", default=None, metavar="FILE", help="also write the results as JSON to this file")
+    add_arguments(bench, TrainConfig, skip=("train_file", "dev_file", "output_dir", "overwrite", "resume", "max_steps",
+                                            "num_train_epochs", "eval_steps", "eval_each_epoch", "eval_on_start",
+                                            "metric_for_best", "early_stopping_patience", "eval_max_new_tokens",
+                                            "eval_generate", "save_steps", "save_total_limit", "logging_steps",
+                                            "report_to", "max_eval_samples", "eval_batch_size"))
+
     data = commands.add_parser("data", help="validate, measure and split data files")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     validate = data_commands.add_parser("validate", allow_abbrev=False, help="check a data file, row by row")
@@ -211,6 +238,21 @@ def _cmd_train(args, unknown) -> int:
     config = config_from_args(TrainConfig, args, words, flags)
     result = run_training(config)
     print(f"run written to {result.output_dir} (adapter: {result.adapter_dir})")
+    return 0
+
+
+def _cmd_bench(args, unknown) -> int:
+    from glmtune.bench.run import RECIPES, BenchSettings, format_table, run_bench
+
+    flags = [w for w in unknown if w.startswith("-")]
+    words = [w for w in unknown if not w.startswith("-")]
+    config = config_from_args(TrainConfig, args, words, flags)
+    recipes = RECIPES if args.recipe == "both" else (args.recipe,)
+    summary = run_bench(BenchSettings(config, args.steps, args.warmup_steps, recipes), in_process=args.in_process)
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(format_table(summary))
+    print(json.dumps(summary))
     return 0
 
 
@@ -352,7 +394,7 @@ def _cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "train":
+    if unknown and args.command not in ("train", "bench"):
         parser.parse_args(argv)  # let argparse print its usage error (exit 2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # glmtune never downloads; fail fast instead of waiting
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -372,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_metrics(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "bench":
+            return _cmd_bench(args, unknown)
         return _cmd_data(args)
     except GlmtuneError as e:
         print(f"glmtune: error: {e}", file=sys.stderr)

@@ -1,0 +1,114 @@
+"""What `glmtune bench` measures besides time: the device's matmul peak, peak memory, and the FLOPs a
+training step needs (model FLOPs, from which utilisation is computed).
+
+Model FLOPs count the work the method needs for the real tokens, never padding or recomputation:
+- every matmul in the decoder (LoRA's A and B included): forward, and the backward pass's gradient for
+  its input (2 FLOPs per weight per token each); the weight's own gradient only where it is trained;
+- attention scores and the weighted sum over the pairs a causal model computes (n(n+1)/2 per sample of
+  n tokens, plus n times the P-Tuning prefix): forward, and twice that backward;
+- the output layer only at labelled positions (the loss needs nothing else): forward and input gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def matmul_peak(device: str, dtype: torch.dtype) -> float:
+    """Best FLOP/s of a large square matmul on `device` in `dtype`, measured now."""
+    size = 8192 if device.startswith("cuda") else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5 if device.startswith("cuda") else 8):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(10 if device.startswith("cuda") else 2):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / (10 if device.startswith("cuda") else 2))
+    return 2 * size ** 3 / best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory from `start()` on: allocated bytes on a GPU; on the CPU the process's peak resident set
+    (Linux lets it be reset, so model loading before `start()` is not counted; elsewhere it is)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.since_start = True
+
+    def start(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM, the peak resident set size
+        except OSError:
+            self.since_start = False
+
+    def peak_bytes(self) -> int:
+        if self.device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated()
+        try:
+            with open("/proc/self/status") as f:
+                found = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+            if found:
+                return int(found.group(1)) * 1024
+        except OSError:
+            pass
+        self.since_start = False
+        scale = 1 if os.uname().sysname == "Darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+@dataclass
+class FlopCounter:
+    """Model FLOPs per sample of a model with a method applied (see the module docstring)."""
+
+    matmul_weights: int  # per token: every decoder matmul's weights, LoRA included
+    trained_matmul_weights: int  # the part of those whose gradient is computed
+    head_weights: int  # hidden x vocabulary
+    attention_width: int  # query heads x head dim, summed over layers
+    prefix_length: int  # P-Tuning v2's pre_seq_len, 0 otherwise
+
+    @classmethod
+    def of(cls, model, prefix_length: int = 0) -> "FlopCounter":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings()
+        matmul = trained = 0
+        for module in base.modules():
+            if module is head or any(True for _ in module.children()):
+                continue
+            inputs, outputs = getattr(module, "in_features", None), getattr(module, "out_features", None)
+            if isinstance(inputs, int) and isinstance(outputs, int):
+                matmul += inputs * outputs
+                weight = getattr(module, "weight", None)
+                if weight is not None and weight.requires_grad:
+                    trained += inputs * outputs
+        config = base.config
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers")
+        heads = config.num_attention_heads
+        head_dim = (getattr(config, "head_dim", None) or getattr(config, "kv_channels", None)
+                    or config.hidden_size // heads)
+        return cls(matmul, trained, head.in_features * head.out_features, layers * heads * head_dim, prefix_length)
+
+    def sample(self, tokens: int, labelled: int) -> float:
+        """FLOPs of one training pass over a sample of `tokens` tokens with `labelled` answer positions."""
+        pairs = tokens * (tokens + 1) / 2 + tokens * self.prefix_length
+        forward = 2 * self.matmul_weights * tokens + 4 * self.attention_width * pairs + 2 * self.head_weights * labelled
+        backward = (2 * self.matmul_weights * tokens + 2 * self.trained_matmul_weights * tokens
+                    + 8 * self.attention_width * pairs + 2 * self.head_weights * labelled)
+        return forward + backward
