@@ -72,7 +72,9 @@ class DataOptions:
     cutoff_len: int = option(1024, "Longest whole sample in tokens; prompt and answer share it when both are long.", minimum=2)
     max_train_samples: int | None = option(None, "Use only the first N training samples.", minimum=1)
     max_eval_samples: int | None = option(None, "Use only the first N dev samples.", minimum=1)
-    group_by_length: bool = option(True, "Batch samples of similar length together so less compute goes to padding.")
+    group_by_length: bool = option(False, "Batch samples of similar length together: less padding, but batches and "
+                                   "their order follow length (and so often task); on short runs that trained worse "
+                                   "(docs/benchmarks.md).")
     packing: bool = option(False, "Pack several samples into each training sequence of up to cutoff_len tokens "
                            "(no compute on padding); attention stays inside each sample and positions restart, so "
                            "the loss is unchanged. batch_size then counts packed sequences.")

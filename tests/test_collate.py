@@ -27,7 +27,7 @@ def test_left_padding_for_generation_and_rounding():
 
 
 def test_length_grouping_is_an_option(tmp_path):
-    grouped = _training_arguments(TrainConfig(), tmp_path, has_dev=False)
+    grouped = _training_arguments(TrainConfig(group_by_length=True), tmp_path, has_dev=False)
     assert grouped.train_sampling_strategy == "group_by_length"
-    plain = _training_arguments(TrainConfig(group_by_length=False), tmp_path, has_dev=False)
+    plain = _training_arguments(TrainConfig(), tmp_path, has_dev=False)  # random batches by default
     assert plain.train_sampling_strategy == "random"
