@@ -15,6 +15,7 @@ from glmtune import __version__
 from glmtune.errors import GlmtuneError
 
 ADAPTER_FILE = "glmtune_adapter.json"
+EXPORT_FILE = "glmtune_export.json"  # written by `glmtune export` into the folder it makes
 FORMAT_VERSION = 1
 
 
@@ -55,6 +56,21 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     return info
 
 
+def exported_info(model_dir: str | Path) -> dict[str, Any] | None:
+    """What a model folder written by `glmtune export --merge` says about itself, shaped like adapter info
+    for callers that read `info["template"]`: the prompt template the merged adapter was trained with, and
+    `method` None (no adapter is applied on top). None for any other folder, or an unreadable record."""
+    path = Path(model_dir) / EXPORT_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {"method": None, "template": record.get("template") or "auto", "family": record.get("family"),
+            "base_model": record.get("base_model"), "exported": record}
+
+
 def check_base_fits(info: dict[str, Any], family: str, fingerprint: dict[str, Any], adapter_dir: Path,
                     model_name: str) -> None:
     """Refuse a base model of another family or shape than the adapter was trained on."""
@@ -76,7 +92,8 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
     Without `model_name` the base recorded in the adapter is used (or the default model). An official
     ChatGLM P-Tuning checkpoint folder (no glmtune_adapter.json) is accepted with a model name and, unless
     its config.json records it, `pre_seq_len`. `quantization` (a Quantization, or just bits; 0 for full
-    weights) overrides the base quantization the adapter was trained over."""
+    weights) overrides the base quantization the adapter was trained over. Without an adapter the info is
+    None, or, for a folder written by `glmtune export --merge`, `exported_info` (template, method None)."""
     from glmtune.config import DEFAULT_MODEL
     from glmtune.methods import get_method
     from glmtune.methods.ptuning import OFFICIAL_FILES, load_official, official_checkpoint_info
@@ -106,5 +123,7 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
             raise GlmtuneError(f"adapter {adapter} has pre_seq_len {info['parameters']['pre_seq_len']}, but "
                                f"--pre-seq-len {pre_seq_len} was given; leave it out for glmtune adapters")
         loaded.model = get_method(info["method"]).load(loaded.model, adapter, info)
+    elif adapter is None:  # a merged export remembers its prompt template
+        info = exported_info(loaded.path)
     loaded.model.eval()
     return loaded, info

@@ -129,3 +129,46 @@ def is_bitsandbytes_model(model) -> bool:
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
     return str(getattr(method, "value", method)) == "bitsandbytes"
+
+
+def dequantize_bitsandbytes(model, dtype=None) -> int:
+    """Replace, in place, every bitsandbytes 4-bit / 8-bit linear layer (also one inside a peft LoRA wrapper)
+    by a float nn.Linear holding its dequantized weight (float32 unless `dtype` says otherwise), and drop the
+    model's bitsandbytes state, so that it merges and saves like a full-precision model. Returns the count.
+
+    The weight is exactly what the quantized layer multiplies by (4-bit: bitsandbytes' own dequantize_4bit;
+    8-bit: int8 rows times their absmax / 127), so an adapter merged into it matches what it was trained
+    against."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+    import torch
+    from torch import nn
+
+    dtype = dtype or torch.float32
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+            weight = bnb_functional.int8_vectorwise_dequant(module.weight.data, scales)
+        else:
+            continue
+        bias = module.bias
+        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        linear.train(module.training)
+        model.set_submodule(name, linear)
+        replaced += 1
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PeftModel
+    for attribute in ("hf_quantizer", "quantization_method"):  # transformers' markers of a quantized model
+        if attribute in vars(inner):
+            delattr(inner, attribute)
+    if hasattr(getattr(inner, "config", None), "quantization_config"):
+        del inner.config.quantization_config
+    for attribute in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if attribute in vars(inner):
+            setattr(inner, attribute, False)
+    return replaced
