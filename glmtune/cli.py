@@ -1,4 +1,5 @@
-"""The `glmtune` command: train, predict, eval, compare, metrics, chat, demo, bench and data tools.
+"""The `glmtune` command: train, predict, eval, compare, metrics, chat, serve, webui, export, demo, bench and
+data tools.
 
 Errors a user can fix (GlmtuneError) are printed as one line without a traceback and exit with status 2.
 """
@@ -69,6 +70,13 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int
     parser.add_argument("--repetition-penalty", type=_number(float, 0, above=True), default=1.0,
                         help="above 1 discourages repeats (default: 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=_number(int, 0, maximum=65535), default=port,
+                        help=f"TCP port (default: {port}; 0 picks a free one and prints it)")
 
 
 def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,11 +154,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", allow_abbrev=False, help="chat in the terminal",
                                description="Interactive chat that streams the answer. 'clear' forgets the "
-                                           "conversation, 'exit' or Ctrl-D leaves.")
+                                           "conversation, 'exit' or Ctrl-D leaves, Ctrl-C stops an answer "
+                                           "in progress.")
     _add_model_arguments(chat)
     chat.add_argument("--no-history", action="store_true", help="answer every message on its own")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_arguments(chat, 512)
+
+    serve = commands.add_parser(
+        "serve", allow_abbrev=False, help="OpenAI-compatible HTTP API",
+        description="Serves one model (base or base + adapter) through an OpenAI-compatible API: GET /v1/models, "
+                    "POST /v1/chat/completions (streamed with \"stream\": true), GET /health. Requests are answered "
+                    "one at a time in arrival order; the rest wait in a queue. Ctrl-C stops it.")
+    _add_model_arguments(serve)
+    _add_server_arguments(serve, 8000)
+    serve.add_argument("--api-key", default=os.environ.get("GLMTUNE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every /v1 request (default: $GLMTUNE_API_KEY, "
+                            "else no key)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id clients see (default: the run's or the model's folder name)")
+    serve.add_argument("--max-new-tokens", type=_positive_int, default=512,
+                       help="answer length when a request gives no max_tokens (default: 512, cut to the context)")
+    serve.add_argument("--max-queue", type=_positive_int, default=256,
+                       help="requests allowed to wait; more are answered 503 (default: 256)")
+
+    webui = commands.add_parser(
+        "webui", allow_abbrev=False, help="chat in the browser (Gradio)",
+        description="A chat page (Gradio) with history, a clear button and sliders for answer length, temperature "
+                    "and top-p; answers stream in. Ctrl-C stops it.")
+    _add_model_arguments(webui)
+    _add_server_arguments(webui, 7860)
+    webui.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_arguments(webui, 512)
+
+    export = commands.add_parser(
+        "export", allow_abbrev=False, help="merge a LoRA into its base, or export a P-Tuning prefix",
+        description="With --merge, folds a LoRA adapter into its base weights and saves a normal checkpoint "
+                    "(transformers families: loadable by plain transformers; ChatGLM-6B/2/3: the official folder "
+                    "layout and weight names). A LoRA trained over a quantized base is merged into the dequantized "
+                    "weights it was trained against. Without --merge, a LoRA adapter is written in --dtype, and a "
+                    "P-Tuning v2 adapter becomes one small prefix file (projection folded in) plus its parameters, "
+                    "which predict, chat, serve and webui load with --adapter. Merged and base+adapter answers are "
+                    "compared on a few prompts unless --no-check.")
+    export.add_argument("--adapter", required=True, help="adapter folder written by glmtune train (OUT/adapter or OUT/best)")
+    export.add_argument("--model", default=None, help="base checkpoint folder or alias (default: the adapter's base model)")
+    export.add_argument("--output", required=True, help="folder to write (must not exist, or be empty, unless --overwrite)")
+    export.add_argument("--merge", action="store_true", help="LoRA only: fold the adapter into the base weights")
+    export.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                        help="weight dtype of the export (default: the base checkpoint's for --merge, else float32)")
+    export.add_argument("--no-check", action="store_true", help="skip comparing the export's answers with the adapter's")
+    export.add_argument("--overwrite", action="store_true", help="replace --output if it holds files")
 
     demo = commands.add_parser("demo", allow_abbrev=False, help="before/after LoRA fine-tuning on the sample data",
                                description="Evaluate the default model on the shipped sample dev set, fine-tune it "
@@ -261,7 +314,7 @@ def _generator(args):
     from glmtune.evaluate.generate import Generator
     from glmtune.methods.adapter import load_tuned_model
 
-    if args.seed is not None:
+    if getattr(args, "seed", None) is not None:
         from transformers import set_seed
 
         set_seed(args.seed)
@@ -338,8 +391,75 @@ def _cmd_metrics(args) -> int:
 
 def _cmd_chat(args) -> int:
     from glmtune.serve.chat import chat_loop
+    from glmtune.serve.engine import ChatEngine
 
-    chat_loop(_generator(args), keep_history=not args.no_history, system=args.system, sampling=_sampling(args))
+    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens)
+    try:
+        chat_loop(engine, keep_history=not args.no_history, system=args.system, sampling=_sampling(args))
+    finally:
+        engine.close()
+    return 0
+
+
+def _served_name(args) -> str:
+    """What clients and the page title call the model: the run's folder for OUT/adapter or OUT/best."""
+    from pathlib import PurePath
+
+    if getattr(args, "served_model_name", None):
+        return args.served_model_name
+    if args.adapter:
+        folder = PurePath(os.path.abspath(args.adapter))
+        return folder.parent.name if folder.name in ("adapter", "best") else folder.name
+    return PurePath(args.model).name if args.model else DEFAULT_MODEL
+
+
+def _cmd_serve(args) -> int:
+    from glmtune.serve.engine import ChatEngine
+    from glmtune.serve.network import is_loopback, listen, url
+    from glmtune.serve.openai_api import serve
+
+    if not args.api_key and not is_loopback(args.host):
+        log.warning("listening on %s without --api-key: anyone who can reach this machine can use the model",
+                    args.host)
+    sock = listen(args.host, args.port)  # before loading: a taken port fails at once
+    generator = _generator(args)
+    name = _served_name(args)
+    engine = ChatEngine(generator, default_max_tokens=args.max_new_tokens, max_queue=args.max_queue)
+    print(f"glmtune: serving {name} at {url(args.host, sock.getsockname()[1])}/v1 (OpenAI-compatible; Ctrl-C stops)",
+          flush=True)
+    serve(engine, name, sock=sock, api_key=args.api_key, log_level="debug" if args.verbose else "warning")
+    return 0
+
+
+def _cmd_webui(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise GlmtuneError("glmtune webui needs Gradio, which is not installed: pip install 'glmtune[webui]' "
+                           "(make setup installs it)")
+    from glmtune.serve.engine import ChatEngine
+    from glmtune.serve.network import is_loopback, listen, url
+    from glmtune.serve.webui import launch
+
+    if not is_loopback(args.host):
+        log.warning("listening on %s: anyone who can reach this machine can use the chat page", args.host)
+    sock = listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    sock.close()  # Gradio binds the port itself; held until here so a taken port fails before loading
+    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens)
+    launch(engine, host=args.host, port=port, title=_served_name(args), system=args.system,
+           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+           repetition_penalty=args.repetition_penalty,
+           announce=lambda: print(f"glmtune: chat page at {url(args.host, port)} (Ctrl-C stops)", flush=True))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from glmtune.export.run import export_model
+
+    report = export_model(args.adapter, args.output, model=args.model, merge=args.merge, dtype=args.dtype,
+                          overwrite=args.overwrite, check=not args.no_check)
+    print(report.summary())
     return 0
 
 
@@ -412,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_compare(args)
         if args.command == "metrics":
             return _cmd_metrics(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "webui":
+            return _cmd_webui(args)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "bench":

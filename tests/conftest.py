@@ -6,9 +6,15 @@ cache; the default model is converted once per fresh checkout (about 30 s) and r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +267,47 @@ def tiny_family_dir(tmp_path_factory, tiny_model_dir, tokenizer):
         return built[family]
 
     return folder
+
+
+@contextlib.contextmanager
+def _glmtune_running(args: list[str], ready: str, timeout: float = 180):
+    """Runs `python -m glmtune ARGS` for the length of the with-block and yields the first match of the
+    regex `ready` in its output (e.g. the URL a server prints). Fails with the output if the command exits
+    or prints no match in time; always stops it at the end (SIGTERM, then SIGKILL)."""
+    process = subprocess.Popen([sys.executable, "-m", "glmtune", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    lines: list[str] = []
+    found: list[re.Match] = []
+    seen = threading.Event()
+
+    def read():  # a thread of its own, so waiting for the line can time out
+        for line in process.stdout:
+            lines.append(line)
+            if not found and (match := re.search(ready, line)):
+                found.append(match)
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not seen.wait(0.2):
+            if process.poll() is not None or time.monotonic() > deadline:
+                reader.join(timeout=2)
+                what = f"exited with {process.returncode}" if process.poll() is not None else f"printed no {ready!r}"
+                pytest.fail(f"glmtune {' '.join(args)} {what}; its output:\n{''.join(lines)}")
+        yield found[0]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        reader.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def glmtune_running():
+    """glmtune_running(args, ready_regex) -> a context manager running the command (see _glmtune_running)."""
+    return _glmtune_running

@@ -33,20 +33,26 @@ def test_predict_rejects_bad_input_before_loading(tmp_path, write_jsonl, capsys)
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
 
 
-class EchoGenerator:
-    """Stands in for Generator: answers with the number of messages it was given, in two pieces."""
+class EchoEngine:
+    """Stands in for ChatEngine: answers with the number of messages it was given, in two pieces."""
 
-    def __init__(self):
-        self.seen = []
+    def __init__(self, fail_when=None):
+        self.seen, self.requests, self.fail_when = [], [], fail_when
 
-    def stream(self, messages, sampling=None):
-        self.seen.append(list(messages))
+    def stream(self, request):
+        from glmtune.serve.engine import BadRequest, Finished
+
+        if self.fail_when and self.fail_when in request.messages[-1].content:
+            raise BadRequest("the prompt is 9000 tokens, but this model's context is 8192 tokens")
+        self.seen.append(list(request.messages))
+        self.requests.append(request)
         yield "seen "
-        yield str(len(messages))
+        yield str(len(request.messages))
+        yield Finished(10, 2, "length" if "long" in request.messages[-1].content else "stop")
 
 
-def run_chat(lines, **kwargs):
-    generator, out = EchoGenerator(), io.StringIO()
+def run_chat(lines, engine=None, **kwargs):
+    generator, out = engine or EchoEngine(), io.StringIO()
     feed = iter(lines)
 
     def read(prompt):
@@ -72,6 +78,20 @@ def test_chat_without_history_and_with_a_system_prompt():
     generator, _, answered = run_chat(["一", "二", ""], keep_history=False, system="你是助手")
     assert answered == 2  # the blank line is ignored, end of input leaves
     assert [[m.role for m in messages] for messages in generator.seen] == [["system", "user"], ["system", "user"]]
+
+
+def test_chat_reports_cut_answers_and_errors_and_goes_on():
+    from glmtune.evaluate.generate import Sampling
+
+    engine = EchoEngine(fail_when="huge")
+    _, text, answered = run_chat(["a long one", "huge text", "after"], engine=engine,
+                                 sampling=Sampling(max_new_tokens=7, temperature=0.5, top_p=0.9))
+    assert answered == 2
+    assert "(cut at 2 tokens; --max-new-tokens allows longer answers)" in text
+    assert "(error: the prompt is 9000 tokens, but this model's context is 8192 tokens; type clear to start over)" in text
+    assert [len(m) for m in engine.seen] == [1, 3]  # the failed message did not enter the history
+    request = engine.requests[0]
+    assert (request.max_tokens, request.temperature, request.top_p) == (7, 0.5, 0.9)
 
 
 def test_chat_command_streams_answers_from_a_terminal_session(trained_run):

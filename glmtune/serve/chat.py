@@ -1,7 +1,9 @@
 """`glmtune chat`: an interactive terminal chat that streams the answer token by token.
 
-Type a message and press Enter. `clear` forgets the conversation so far, `exit` (or Ctrl-D) leaves.
-With `--no-history` every message is answered on its own.
+Type a message and press Enter. `clear` forgets the conversation so far, `exit` (or Ctrl-D) leaves, Ctrl-C
+while an answer streams stops that answer and keeps the session. With `--no-history` every message is
+answered on its own. Answers come from the same engine as `serve` and `webui`, so a conversation the model
+cannot take (longer than its context) is an error message, not the end of the session.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from collections.abc import Callable
 from typing import TextIO
 
 from glmtune.data.formats import Message
-from glmtune.evaluate.generate import Generator, Sampling
+from glmtune.evaluate.generate import Sampling
+from glmtune.serve.engine import BadRequest, ChatRequest, Failed, Finished
 
-BANNER = "glmtune chat: type a message; 'clear' starts over, 'exit' leaves."
+BANNER = "glmtune chat: type a message; 'clear' starts over, 'exit' leaves, Ctrl-C stops an answer."
 
 
-def chat_loop(generator: Generator, *, keep_history: bool = True, system: str | None = None,
-              sampling: Sampling | None = None, read: Callable[[str], str] = input,
-              out: TextIO = sys.stdout) -> int:
-    """Runs until `exit` or end of input; returns the number of answers given."""
+def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, sampling: Sampling | None = None,
+              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
+    """Runs until `exit` or end of input; returns the number of answers given. `engine` is a ChatEngine
+    (anything with its `stream(ChatRequest)`)."""
+    sampling = sampling or Sampling(max_new_tokens=512)
     history: list[Message] = []
     answered = 0
     out.write(BANNER + "\n")
@@ -40,13 +44,28 @@ def chat_loop(generator: Generator, *, keep_history: bool = True, system: str | 
             out.write("(conversation cleared)\n")
             continue
         messages = ([Message("system", system)] if system else []) + history + [Message("user", text)]
-        out.write("assistant> ")
-        pieces = []
-        for piece in generator.stream(messages, sampling):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
-        out.write("\n")
+        request = ChatRequest(messages, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                              top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty)
+        pieces: list[str] = []
+        note = ""
+        try:
+            events = engine.stream(request)
+            out.write("assistant> ")
+            for event in events:
+                if isinstance(event, str):
+                    pieces.append(event)
+                    out.write(event)
+                    out.flush()
+                elif isinstance(event, Failed):
+                    note = f"(error: {event.message})"
+                elif isinstance(event, Finished) and event.finish_reason == "length":
+                    note = f"(cut at {event.completion_tokens} tokens; --max-new-tokens allows longer answers)"
+        except BadRequest as e:
+            out.write(f"(error: {e}{'; type clear to start over' if history else ''})\n")
+            continue
+        except KeyboardInterrupt:
+            note = "(stopped)"
+        out.write("\n" + (note + "\n" if note else ""))
         answered += 1
         if keep_history:
             history += [Message("user", text), Message("assistant", "".join(pieces).strip())]

@@ -1,0 +1,308 @@
+"""One loaded model answering many clients (the API server and the web UI).
+
+Requests are checked and tokenized by the caller's thread, then wait in a first-in-first-out queue; a
+single worker thread generates for one request at a time, so concurrent clients never run over each other
+on the same model. Each request receives its answer as events: text pieces as they are decoded, then one
+`Finished` (token counts and why it stopped) or one `Failed`. A request can be cancelled at any moment (a
+client that went away): generation stops at the next token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from glmtune.data.formats import Message
+from glmtune.errors import GlmtuneError
+from glmtune.evaluate.generate import Generator, Sampling
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+class BadRequest(GlmtuneError):
+    """A request the engine cannot answer as asked; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Busy(GlmtuneError):
+    """The queue is full."""
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    max_tokens: int | None = None  # None: the engine's default, cut to what the context has left
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class Finished:
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (stop token or stop string), "length" (max_tokens), "cancelled"
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = str | Finished | Failed
+
+
+@dataclass
+class Job:
+    request: ChatRequest
+    prompt_ids: list[int]
+    max_tokens: int
+    deliver: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def context_length(config) -> int | None:
+    """The longest sequence (prompt + answer) the model was built for, from its config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class _AnswerText:
+    """Turns generated token ids into the answer text piece by piece, as `Generator.generate` would
+    return it whole: no leading or trailing whitespace, cut before the first stop string. Text that
+    could still become a stop string, or that may be only trailing whitespace, is held back until the
+    next tokens decide it."""
+
+    def __init__(self, tokenizer, stop_ids: set[int], stop_strings: list[str]):
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.stop_strings = [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.generated = 0
+        self.emitted = ""
+        self.hit_stop_string = False
+        self.ended_on_stop_token = False
+
+    def add(self, token: int) -> str:
+        """Takes one generated token; returns the new text that is safe to show (maybe empty)."""
+        self.generated += 1
+        if self.hit_stop_string:
+            return ""
+        if token in self.stop_ids:
+            self.ended_on_stop_token = True
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of its bytes
+            return ""
+        for stop in self.stop_strings:
+            at = text.find(stop)
+            if at >= 0:
+                self.hit_stop_string = True
+                return self._emit(text[:at].rstrip())
+        keep = len(text)
+        for stop in self.stop_strings:  # hold back a tail that may be the start of a stop string
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    keep = min(keep, len(text) - n)
+                    break
+        return self._emit(text[:keep].rstrip())
+
+    def _emit(self, visible: str) -> str:
+        if len(visible) <= len(self.emitted) or not visible.startswith(self.emitted):
+            return ""
+        piece, self.emitted = visible[len(self.emitted):], visible
+        return piece
+
+    def finish(self) -> str:
+        """The held-back text that turned out not to be a stop string (trailing whitespace is dropped)."""
+        if self.hit_stop_string:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        return self._emit(text)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated, not counting the stop token that ended the answer."""
+        return self.generated - (1 if self.ended_on_stop_token else 0)
+
+
+class _Streamer:
+    """transformers' streamer protocol: `put` receives the prompt once, then each new token."""
+
+    def __init__(self, answer: _AnswerText, job: Job):
+        self.answer, self.job, self.prompt_seen = answer, job, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            piece = self.answer.add(int(token))
+            if piece and not self.job.cancelled.is_set():
+                self.job.deliver(piece)
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhen:
+    """A stopping criterion: ends generation once the job is cancelled or a stop string was seen."""
+
+    def __init__(self, answer: _AnswerText, job: Job):
+        self.answer, self.job = answer, job
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = self.job.cancelled.is_set() or self.answer.hit_stop_string
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class ChatEngine:
+    """Queue and worker around one Generator. `start()` before use, `close()` at the end."""
+
+    def __init__(self, generator: Generator, *, default_max_tokens: int = 512, max_queue: int = 256):
+        self.generator = generator
+        self.tokenizer = generator.tokenizer
+        self.context_length = context_length(generator.loaded.model.config)
+        self.default_max_tokens = default_max_tokens
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._encode_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self.answered = 0
+        self.cancelled = 0
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def prepare(self, request: ChatRequest, deliver: Callable[[Event], None]) -> Job:
+        """Checks the conversation and tokenizes its prompt; raises BadRequest for what cannot be answered."""
+        if not request.messages:
+            raise BadRequest("messages must hold at least one message", "messages")
+        for i, message in enumerate(request.messages):
+            if message.role not in ROLES:
+                raise BadRequest(f"messages[{i}].role is {message.role!r}; this model takes "
+                                 f"{', '.join(ROLES)}", f"messages[{i}].role")
+        if request.messages[-1].role != "user":
+            raise BadRequest("the last message must be the user's: the model answers it", "messages")
+        try:
+            with self._encode_lock:
+                prompt_ids, _ = self.generator.encoder.prompt_ids(request.messages)
+        except GlmtuneError as e:
+            raise BadRequest(str(e), "messages") from None
+        limit = self.context_length
+        if limit is not None and len(prompt_ids) >= limit:
+            raise BadRequest(f"the prompt is {len(prompt_ids)} tokens, but this model's context is {limit} tokens; "
+                             "shorten the messages", "messages")
+        room = limit - len(prompt_ids) if limit is not None else None
+        if request.max_tokens is None:
+            max_tokens = self.default_max_tokens if room is None else min(self.default_max_tokens, room)
+        else:
+            max_tokens = request.max_tokens
+            if room is not None and max_tokens > room:
+                raise BadRequest(f"this model's context is {limit} tokens: the prompt takes {len(prompt_ids)}, "
+                                 f"which leaves {room} for the answer, but max_tokens is {max_tokens}", "max_tokens")
+        return Job(request, prompt_ids, max_tokens, deliver)
+
+    def submit(self, job: Job) -> None:
+        self.start()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Busy(f"the server is busy ({self._queue.maxsize} requests waiting); try again shortly") from None
+
+    def stream(self, request: ChatRequest, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Blocking helper for callers in a thread of their own (the web UI, tests): the events of one request."""
+        events: queue.Queue[Event] = queue.Queue()
+        job = self.prepare(request, events.put)
+        if cancel is not None:
+            job.cancelled = cancel
+        self.submit(job)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if isinstance(event, (Finished, Failed)):
+                    return
+        finally:
+            job.cancel()  # the caller stopped early: free the model for the next request
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="glmtune-engine", daemon=True)
+            self._worker.start()
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+            self._worker = None
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                self.cancelled += 1
+                job.deliver(Finished(len(job.prompt_ids), 0, "cancelled"))
+                continue
+            try:
+                finished = self._generate(job)
+                if finished.finish_reason == "cancelled":
+                    self.cancelled += 1
+                else:
+                    self.answered += 1
+                job.deliver(finished)
+            except Exception as e:  # one failed request must not take the server down
+                log.exception("generation failed")
+                job.deliver(Failed(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _generate(self, job: Job) -> Finished:
+        from transformers import StoppingCriteriaList
+
+        request = job.request
+        answer = _AnswerText(self.tokenizer, self.generator.encoder.stop_ids, request.stop)
+        sampling = Sampling(max_new_tokens=job.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                            repetition_penalty=request.repetition_penalty)
+        config = sampling.generation_config(self.tokenizer.pad_token_id, self.generator.encoder.stop_ids)
+        inputs = {k: v.to(self.generator.device) for k, v in
+                  self.generator.collate([{"input_ids": job.prompt_ids}]).items()}
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        with torch.inference_mode():
+            self.generator.loaded.model.generate(**inputs, generation_config=config, streamer=_Streamer(answer, job),
+                                                 stopping_criteria=StoppingCriteriaList([_StopWhen(answer, job)]))
+        tail = answer.finish()
+        if tail and not job.cancelled.is_set():
+            job.deliver(tail)
+        if job.cancelled.is_set():
+            reason = "cancelled"
+        elif answer.hit_stop_string or answer.ended_on_stop_token:
+            reason = "stop"
+        else:
+            reason = "length"
+        return Finished(len(job.prompt_ids), answer.completion_tokens, reason)

@@ -1,0 +1,132 @@
+"""The serving engine without HTTP: how generated tokens become streamed text, and the queue."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from glmtune.data.formats import Message
+from glmtune.serve.engine import BadRequest, Busy, ChatEngine, ChatRequest, Failed, Finished, _AnswerText
+
+
+def feed(tokenizer, text: str, stops: list[str], stop_ids=frozenset(), then=()):
+    """Token by token through _AnswerText; returns (pieces, the answer object)."""
+    answer = _AnswerText(tokenizer, set(stop_ids), stops)
+    pieces = [answer.add(t) for t in tokenizer.encode(text, add_special_tokens=False) + list(then)]
+    pieces.append(answer.finish())
+    return [p for p in pieces if p], answer
+
+
+@pytest.mark.parametrize("text", ["  Hello there, world!  \n", "春天来了，花开了。", "café — ünïcode ✓ 🙂 done",
+                                  "line one\n\nline two\n"])
+def test_streamed_pieces_add_up_to_the_stripped_answer(tokenizer, text):
+    pieces, answer = feed(tokenizer, text, [])
+    assert "".join(pieces) == tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)).strip()
+    assert not any("\ufffd" in p for p in pieces)  # never half a character
+    assert answer.completion_tokens == len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_a_stop_string_split_across_tokens_never_shows(tokenizer):
+    text = "The answer is 42. END OF ANSWER and more text"
+    pieces, answer = feed(tokenizer, text, ["END OF"])
+    assert "".join(pieces) == "The answer is 42."
+    assert answer.hit_stop_string
+    assert not any("END" in p for p in pieces)
+
+
+def test_a_near_miss_of_a_stop_string_is_released(tokenizer):
+    pieces, answer = feed(tokenizer, "ENDING is not END OF", ["END OF TEXT"])
+    assert "".join(pieces) == "ENDING is not END OF"  # held back while it could still match, then released
+    assert not answer.hit_stop_string
+
+
+def test_a_stop_token_ends_the_text_and_is_not_counted(tokenizer):
+    eos = tokenizer.eos_token_id
+    pieces, answer = feed(tokenizer, "Paris.", [], stop_ids={eos}, then=[eos])
+    assert "".join(pieces) == "Paris."
+    assert answer.ended_on_stop_token
+    assert answer.completion_tokens == len(tokenizer.encode("Paris.", add_special_tokens=False))
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    from glmtune.evaluate.generate import Generator
+    from glmtune.models.loader import load_model
+
+    engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"), default_max_tokens=8, max_queue=1)
+    yield engine
+    engine.close()
+
+
+def test_requests_are_checked_before_they_queue(engine):
+    with pytest.raises(BadRequest, match="last message"):
+        engine.prepare(ChatRequest([Message("user", "a"), Message("assistant", "b")]), print)
+    with pytest.raises(BadRequest, match="role"):
+        engine.prepare(ChatRequest([Message("tool", "a")]), print)
+    with pytest.raises(BadRequest, match="context is 1024 tokens"):
+        engine.prepare(ChatRequest([Message("user", "word " * 1100)]), print)
+    job = engine.prepare(ChatRequest([Message("user", "word " * 1000)]), print)
+    assert job.max_tokens == min(8, 1024 - len(job.prompt_ids))  # the default, cut to the context's room
+
+
+def test_one_request_at_a_time_a_full_queue_answers_busy_and_cancel_frees_the_model(engine):
+    model = engine.generator.loaded.model
+    running, release = threading.Event(), threading.Event()
+    real_generate = model.generate
+
+    def slow_generate(**kwargs):
+        running.set()
+        release.wait(30)
+        return real_generate(**kwargs)
+
+    model.generate = slow_generate
+    events: list = []
+    first = engine.prepare(ChatRequest([Message("user", "first")]), events.append)
+    engine.submit(first)
+    assert running.wait(30)
+    second = engine.prepare(ChatRequest([Message("user", "second")]), events.append)
+    engine.submit(second)  # waits: the queue holds one
+    with pytest.raises(Busy, match="busy"):
+        engine.submit(engine.prepare(ChatRequest([Message("user", "third")]), events.append))
+    second.cancel()  # its client left while it waited: never generated
+    release.set()
+    model.generate = real_generate
+    for _ in range(300):
+        if sum(isinstance(e, Finished) for e in events) == 2:
+            break
+        threading.Event().wait(0.1)
+    finished = [e for e in events if isinstance(e, Finished)]
+    assert [f.finish_reason for f in finished][1] == "cancelled"
+    assert finished[0].finish_reason in ("stop", "length") and engine.answered == 1 and engine.cancelled == 1
+
+
+def test_a_failing_generation_is_reported_and_the_worker_goes_on(engine):
+    model = engine.generator.loaded.model
+    real_generate = model.generate
+    model.generate = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+    events = list(engine.stream(ChatRequest([Message("user", "hi")])))
+    assert isinstance(events[-1], Failed) and "boom" in events[-1].message
+    model.generate = real_generate
+    events = list(engine.stream(ChatRequest([Message("user", "hi")], max_tokens=3)))
+    assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 3
+
+
+@pytest.mark.parametrize("family", ["generic", "chatglm", "chatglm2", "chatglm3", "glm4"])
+def test_every_family_streams_what_batch_generation_answers(tiny_family_dir, family):
+    """The engine (streamer + stopping criteria, one prompt) and Generator.generate (a left-padded batch)
+    give the same text on every family's native model."""
+    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.models.loader import load_model
+
+    generator = Generator(load_model(str(tiny_family_dir(family))))
+    engine = ChatEngine(generator)
+    try:
+        questions = ["你好", "Tell me a story about a cat and a dog."]
+        expected = generator.generate([[Message("user", q)] for q in questions], Sampling(max_new_tokens=6))
+        for question, answer in zip(questions, expected):
+            events = list(engine.stream(ChatRequest([Message("user", question)], max_tokens=6)))
+            assert "".join(e for e in events if isinstance(e, str)) == answer
+            assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 6
+    finally:
+        engine.close()
