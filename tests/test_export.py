@@ -409,3 +409,35 @@ def test_a_failure_while_writing_leaves_the_old_output_untouched(tiny_model_dir,
     report = export_model(adapter, out, merge=True, overwrite=True, check=False)
     assert not (out / "old.txt").exists() and sorted(p.name for p in out.iterdir()) == report.files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
+
+
+def test_the_export_command_and_predict_with_what_it_wrote(tiny_model_dir, tmp_path, write_jsonl, capsys):
+    """Through the CLI: a merged LoRA (trained with the plain template) answers `predict --model OUT` as the
+    adapter answers `predict --adapter`, because the export remembers the template; an exported prefix is an
+    adapter folder for predict; user errors exit 2 with one line."""
+    from glmtune.cli import main
+
+    lora = _make_lora(tiny_model_dir, tmp_path / "lora", template="plain")
+    prefix = _make_ptuning(tiny_model_dir, tmp_path / "ptuning")
+    rows = write_jsonl([{"prompt": p} for p in PROMPTS], "rows.jsonl")
+
+    def predict(*options) -> list[str]:
+        out = tmp_path / f"p{len(list(tmp_path.glob('p*.jsonl')))}.jsonl"
+        assert main(["predict", *options, "--input", str(rows), "--output", str(out), "--max-new-tokens", "8"]) == 0
+        return [json.loads(line)["prediction"] for line in out.read_text(encoding="utf-8").splitlines()]
+
+    assert main(["export", "--adapter", str(lora), "--output", str(tmp_path / "merged"), "--merge"]) == 0
+    assert "check: greedy answers to 4 prompts identical" in capsys.readouterr().out
+    assert predict("--model", str(tmp_path / "merged")) == predict("--adapter", str(lora))
+    assert predict("--model", str(tmp_path / "merged"), "--template", "chat") != predict("--adapter", str(lora))
+
+    assert main(["export", "--adapter", str(prefix), "--output", str(tmp_path / "prefix")]) == 0
+    assert predict("--adapter", str(tmp_path / "prefix")) == predict("--adapter", str(prefix))
+
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(prefix), "--output", str(tmp_path / "x"), "--merge"]) == 2
+    assert main(["export", "--adapter", str(lora), "--output", str(tmp_path / "merged"), "--merge"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("glmtune: error: ") for e in errors)
+    assert "cannot be merged" in errors[0] and "--overwrite" in errors[1]
+    assert not (tmp_path / "x").exists()
