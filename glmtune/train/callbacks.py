@@ -64,9 +64,15 @@ class JsonlLog(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.exists() and state.global_step > 0:
             # Resuming: forget entries from after the checkpoint, they will be logged again.
-            lines = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                     if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            kept = []
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line the kill cut short
+                if isinstance(entry, dict) and entry.get("step", 0) <= state.global_step:
+                    kept.append(line)
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -24,6 +24,7 @@ from transformers import Trainer
 
 from glmtune.data.collate import REAL_TOKENS
 from glmtune.data.preprocess import IGNORE_INDEX
+from glmtune.train.checkpoints import AtomicCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,10 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != REAL_TOKENS}
 
 
-class LabelledLossTrainer(Trainer):
+class LabelledLossTrainer(AtomicCheckpoints, Trainer):
     """The Trainer with `labelled_positions_loss`, after one check that it equals the model's own loss.
-    `labelled_logits=False` keeps the model's own loss (logits at every position), for comparisons."""
+    `labelled_logits=False` keeps the model's own loss (logits at every position), for comparisons.
+    Checkpoints are written atomically (glmtune.train.checkpoints)."""
 
     def __init__(self, *args, answer_metrics=None, labelled_logits: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -163,10 +165,14 @@ class LabelledLossTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = model_inputs(inputs)
-        if self.fast_loss is None:
+        # A wrapper (DDP, DeepSpeed, FSDP, DataParallel) does its work in its own forward (DDP arms its
+        # gradient all-reduce there): running the decoder inside it directly would skip that, so a wrapped
+        # model trains through its forward and the model's own loss.
+        wrapped = model is not self.model
+        if self.fast_loss is None and not wrapped:
             self.fast_loss = self._check_fast_loss(model, inputs)
         # Logits are needed only by a compute_metrics function (glmtune evaluates by generating instead).
-        if not self.fast_loss or (return_outputs and self.compute_metrics is not None):
+        if wrapped or not self.fast_loss or (return_outputs and self.compute_metrics is not None):
             self.loss_is_scaled_for_ga = None  # the Trainer's own rule
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = labelled_positions_loss(model, inputs, num_items_in_batch)
@@ -176,6 +182,20 @@ class LabelledLossTrainer(Trainer):
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
+
+    def _without_repeats(self, batch: dict) -> tuple[dict, int]:
+        """(the batch without the rows that only pad the processes' last batches to one size, 1), or the batch and
+        0 where all its rows are such repeats (still computed: sharded models run their collectives in every
+        forward). With several processes accelerate repeats dev samples so that every process gets full
+        batches; the first `remainder` rows of the last batches, in process order, are the real ones."""
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return batch, 1
+        rows = len(batch["labels"])
+        keep = min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
+        if keep == 0:
+            return batch, 0
+        return {k: v[:keep] if torch.is_tensor(v) and v.dim() and len(v) == rows else v for k, v in batch.items()}, 1
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Eval loss as one number with one meaning: mean cross-entropy per answer token over the whole
@@ -190,6 +210,7 @@ class LabelledLossTrainer(Trainer):
         with torch.no_grad():
             for batch in self.get_eval_dataloader(dataset):
                 batch = model_inputs(self._prepare_inputs(batch))
+                batch, counted = self._without_repeats(batch)
                 if self.fast_loss is None:
                     self.fast_loss = self._check_fast_loss(model, batch)
                 with self.compute_loss_context_manager():
@@ -199,8 +220,8 @@ class LabelledLossTrainer(Trainer):
                         batch_sum, batch_count = outputs.loss.float() * n, n
                     else:
                         batch_sum, batch_count = labelled_loss_sum(model, batch)
-                total += batch_sum.double()
-                count += batch_count
+                total += batch_sum.double() * counted
+                count += batch_count * counted
         model.train(was_training)
         # Each process evaluated its shard of the dev set: add the shards up.
         total = self.accelerator.reduce(total, reduction="sum")

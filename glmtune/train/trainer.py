@@ -35,6 +35,7 @@ from glmtune.methods.adapter import write_adapter_info
 from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, fingerprint, load_model
 from glmtune.train.callbacks import EvaluateEachEpoch, JsonlLog, KeepBestAdapter, ProgressBar
+from glmtune.train.checkpoints import complete_checkpoints, remove_leftovers, staged_folder
 from glmtune.train.loss import LabelledLossTrainer
 from glmtune.train.plot import plot_loss
 
@@ -70,8 +71,7 @@ def default_output_dir(prefix: str = "train") -> Path:
 
 
 def _checkpoints(directory: Path) -> list[Path]:
-    found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return complete_checkpoints(directory)
 
 
 def check_output_dir(directory: Path, *, overwrite: bool, resume: bool) -> tuple[Path | None, list[Path]]:
@@ -105,6 +105,9 @@ def create_output_dir(directory: Path, earlier: list[Path]) -> None:
     the folder."""
     for path in earlier:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if directory.is_dir():
+        for path in remove_leftovers(directory):
+            log.info("removed %s, left half-written by an interrupted run", path.name)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -238,13 +241,13 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
              100 * trainable / total)
 
     def save_adapter(trained_model, directory: Path, extra: dict[str, Any]) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        method.save(trained_model, directory)
-        write_adapter_info(directory, method=cfg.method, family=loaded.family, base_model=loaded.name,
-                           fingerprint=fingerprint(loaded.model.config), template=template.name,
-                           parameters=parameters,
-                           extra={"quantization_bit": loaded.quantization_bit,
-                                  "quantization": loaded.quantization.record(), **extra})
+        with staged_folder(directory) as staged:  # a kill mid-save leaves the previous adapter whole
+            method.save(trained_model, staged)
+            write_adapter_info(staged, method=cfg.method, family=loaded.family, base_model=loaded.name,
+                               fingerprint=fingerprint(loaded.model.config), template=template.name,
+                               parameters=parameters,
+                               extra={"quantization_bit": loaded.quantization_bit,
+                                      "quantization": loaded.quantization.record(), **extra})
 
     from transformers.trainer_callback import PrinterCallback
 
