@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "words, then --flags (later wins): `glmtune train run.yaml max_steps=50 --learning-rate 1e-4`. "
                     "Every option below can be written in any of the three ways.")
     add_arguments(train, TrainConfig)
+    train.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                       help="train data-parallel in N processes on this machine (one per GPU; gloo on the CPU): "
+                            "runs this command under torchrun; batch_size is per process, so the global batch is "
+                            "N x batch_size (default: 1; several machines: docs/distributed.md)")
 
     predict = commands.add_parser("predict", allow_abbrev=False, help="answer every row of a data file",
                                   description="Batched generation (greedy unless --temperature > 0) with left "
@@ -283,14 +287,29 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _cmd_train(args, unknown) -> int:
-    from glmtune.train.trainer import run_training
+def _cmd_train(args, unknown, argv: list[str]) -> int:
+    from glmtune.train.distributed import is_main_process, launch, strip_nproc
 
     flags = [w for w in unknown if w.startswith("-")]
     words = [w for w in unknown if not w.startswith("-")]
-    config = config_from_args(TrainConfig, args, words, flags)
+    config = config_from_args(TrainConfig, args, words, flags)  # bad options stop here, before any launch
+    if args.nproc > 1:  # what can be checked without the model is checked once, here, before any launch
+        from glmtune.train.distributed import check_deepspeed
+        from glmtune.train.trainer import check_output_dir, check_report_to
+
+        if config.deepspeed:
+            check_deepspeed(config.deepspeed)
+        if config.output_dir:
+            check_output_dir(Path(config.output_dir), overwrite=config.overwrite, resume=config.resume)
+        check_report_to(config.report_to)
+        return launch(args.nproc, strip_nproc(argv))
+    if not is_main_process():  # under torchrun: the main process reports, the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
+    from glmtune.train.trainer import run_training
+
     result = run_training(config)
-    print(f"run written to {result.output_dir} (adapter: {result.adapter_dir})")
+    if is_main_process():
+        print(f"run written to {result.output_dir} (adapter: {result.adapter_dir})")
     return 0
 
 
@@ -382,6 +401,8 @@ def _cmd_metrics(args) -> int:
     from glmtune.evaluate.metrics import metrics_table
     from glmtune.evaluate.runs import score_file
 
+    if args.output and (Path(args.output).is_dir() or not Path(args.output).absolute().parent.is_dir()):
+        raise GlmtuneError(f"--output {args.output} must be a file in an existing folder")
     metrics = score_file(args.predictions, task=args.task)
     print(metrics_table(metrics))
     if args.output:
@@ -513,6 +534,7 @@ def _cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command not in ("train", "bench"):
         parser.parse_args(argv)  # let argparse print its usage error (exit 2)
@@ -521,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _setup_logging(args.verbose)
         if args.command == "train":
-            return _cmd_train(args, unknown)
+            return _cmd_train(args, unknown, argv)
         if args.command == "predict":
             return _cmd_predict(args)
         if args.command == "chat":
@@ -544,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_bench(args, unknown)
         return _cmd_data(args)
     except GlmtuneError as e:
-        print(f"glmtune: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process checks, and may say so
+        print(f"glmtune: error: {'' if rank in ('', '0') else f'(rank {rank}) '}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nglmtune: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, one_line, shown
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3", "glm4")
@@ -114,6 +115,9 @@ class TrainingOptions:
     warmup_ratio: float = option(0.0, "Fraction of the steps spent warming the learning rate up from 0.", minimum=0, maximum=1)
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 turns clipping off).", minimum=0)
+    nonfinite: str = option("skip", "A step whose loss or gradients are NaN or infinite: skip (drop its update, count "
+                            "it, go on) or stop (at once, keeping the last checkpoint).", choices=("skip", "stop"))
+    max_nonfinite_steps: int = option(10, "Stop when this many steps in a row were not finite.", minimum=1)
     seed: int = option(42, "Random seed for initialisation, shuffling and dropout.")
     logging_steps: int = option(10, "Log loss, learning rate and speed every N steps.", minimum=1)
     eval_steps: int = option(0, "Evaluate on dev_file every N steps (0: only at the end of each epoch).", minimum=0)
@@ -137,6 +141,10 @@ class TrainingOptions:
     report_to: str = option("none", "Also log to this backend (its package must be installed; tensorboard writes "
                             "OUT/runs/, pip install tensorboard).",
                             choices=("none", "tensorboard", "wandb", "mlflow"))
+    deepspeed: str | None = option(None, "DeepSpeed config JSON for the Trainer's DeepSpeed integration, e.g. "
+                                   "examples/deepspeed_zero2.json or examples/deepspeed_zero3_offload.json "
+                                   "(needs pip install deepspeed and CUDA GPUs; launch with torchrun or --nproc; "
+                                   "docs/distributed.md).")
 
 
 @dataclass
@@ -180,21 +188,24 @@ def _coerce(key: str, raw: Any, f: dataclasses.Field, source: str) -> Any:
             return True
         if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
             return False
-        raise GlmtuneError(f"{source}: {key} must be true or false, got {raw!r}")
+        raise GlmtuneError(f"{source}: {key} must be true or false, got {shown(raw)}")
     if kind is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise GlmtuneError(f"{source}: {key} must be a whole number, got {raw!r}")
+            raise GlmtuneError(f"{source}: {key} must be a whole number, got {shown(raw)}")
         try:
             return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
         except (TypeError, ValueError):
-            raise GlmtuneError(f"{source}: {key} must be a whole number, got {raw!r}") from None
+            raise GlmtuneError(f"{source}: {key} must be a whole number, got {shown(raw)}") from None
     if kind is float:
         if isinstance(raw, bool):
-            raise GlmtuneError(f"{source}: {key} must be a number, got {raw!r}")
+            raise GlmtuneError(f"{source}: {key} must be a number, got {shown(raw)}")
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
-            raise GlmtuneError(f"{source}: {key} must be a number, got {raw!r}") from None
+            raise GlmtuneError(f"{source}: {key} must be a number, got {shown(raw)}") from None
+        if not math.isfinite(value):  # nan passes every range check
+            raise GlmtuneError(f"{source}: {key} must be a finite number, got {shown(raw)}")
+        return value
     if isinstance(raw, (dict, list)):
         raise GlmtuneError(f"{source}: {key} must be a single value, got {type(raw).__name__}")
     return str(raw)
@@ -205,32 +216,42 @@ def _check_range(key: str, value: Any, f: dataclasses.Field, source: str) -> Non
     if value is None:
         return
     if meta.get("choices") and value not in meta["choices"]:
-        raise GlmtuneError(f"{source}: {key} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+        raise GlmtuneError(f"{source}: {key} must be one of {', '.join(map(str, meta['choices']))}; got {shown(value)}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
-        raise GlmtuneError(f"{source}: {key} must be at least {meta['minimum']}; got {value!r}")
+        raise GlmtuneError(f"{source}: {key} must be at least {meta['minimum']}; got {shown(value)}")
     if meta.get("maximum") is not None and value > meta["maximum"]:
-        raise GlmtuneError(f"{source}: {key} must be at most {meta['maximum']}; got {value!r}")
+        raise GlmtuneError(f"{source}: {key} must be at most {meta['maximum']}; got {shown(value)}")
     if meta.get("above") is not None and value <= meta["above"]:
-        raise GlmtuneError(f"{source}: {key} must be greater than {meta['above']}; got {value!r}")
+        raise GlmtuneError(f"{source}: {key} must be greater than {meta['above']}; got {shown(value)}")
 
 
 def unknown_key_error(key: str, valid: list[str], source: str) -> GlmtuneError:
     normalized = key.lstrip("-").replace("-", "_")
     close = difflib.get_close_matches(normalized, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return GlmtuneError(f"{source}: unknown option {key!r}{hint}")
+    return GlmtuneError(f"{source}: unknown option {shown(key)}{hint}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A flat mapping of option names to values from a YAML or JSON file."""
     p = Path(path)
     if not p.is_file():
-        raise GlmtuneError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8-sig")
+        raise GlmtuneError(f"config file {'is not a file' if p.exists() else 'not found'}: {p}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes().count(b"\n", 0, e.start) + 1
+        raise GlmtuneError(f"{p}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise GlmtuneError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise GlmtuneError(f"{p}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except yaml.YAMLError as e:  # its own message spans lines, with the offending line drawn under it
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or e
+        column = f" (column {mark.column + 1})" if mark is not None else ""
+        raise GlmtuneError(f"{p}{where}: not valid YAML: {one_line(what)}{column}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -68,12 +68,11 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
         raise GlmtuneError(f"{out} is not empty; pass --overwrite to replace it or choose another --output-dir")
     train_file, dev_file = sample_data_dir() / "train.jsonl", sample_data_dir() / "dev.jsonl"
     dev = load_samples(dev_file)[0][: dev_samples or DEV_SAMPLES]
-    out.mkdir(parents=True, exist_ok=True)
-
     generation = {"batch_size": GENERATION_BATCH, "sampling": Sampling(MAX_NEW_TOKENS)}
     log.info("[1/4] loading %s", model)
     loaded = load_model(model, device=default_device())
     loaded.model.eval()
+    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves nothing
     log.info("[2/4] answering %d dev questions with the base model", len(dev))
     before = write_predictions(Generator(loaded), dev, out / "predictions_before.jsonl", **generation)
 

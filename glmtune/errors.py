@@ -7,3 +7,16 @@ and keeps its traceback.
 
 class GlmtuneError(Exception):
     """A problem the user caused and can fix; the message says what to do."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` (an exception, a library's message) as one line of at most `limit` characters, for error
+    messages that must stay a single readable line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """repr() of a value from the user's data, shortened: a 10 MB string must not become a 10 MB message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"

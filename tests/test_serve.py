@@ -51,7 +51,7 @@ def greedy(reference, question: str, max_tokens: int = MAX_TOKENS) -> str:
 
 
 def client(server, key=KEY):
-    return openai.OpenAI(base_url=server + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server + "/v1", api_key=key, max_retries=0, timeout=900)
 
 
 def ask(server, question: str, **options):
@@ -213,3 +213,22 @@ def test_a_taken_port_fails_at_once_before_the_model_loads(capsys):
         assert main(["serve", "--model", "/nowhere/at/all", "--port", str(port)]) == 2
     assert time.monotonic() - started < 5
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+
+
+def test_a_bounded_load_of_200_requests_from_20_clients_has_no_errors(server):
+    """Issue 9's load test, kept short (2 tokens per answer): every request is answered, none fails."""
+    def one(i: int) -> str | None:
+        try:
+            reply = ask(server, f"Say the number {i}.", max_tokens=2, stream=bool(i % 3 == 0))
+            if i % 3 == 0:
+                return None if any(c.choices and c.choices[0].finish_reason for c in reply) else "no finish"
+            return None if reply.choices[0].finish_reason in ("stop", "length") else "bad finish"
+        except openai.OpenAIError as e:
+            return f"{type(e).__name__}: {e}"
+
+    before = httpx.get(server + "/health").json()["answered"]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        errors = [e for e in pool.map(one, range(200)) if e]
+    assert errors == []
+    health = httpx.get(server + "/health").json()
+    assert health["answered"] - before == 200 and health["waiting"] == 0

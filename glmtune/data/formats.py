@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, shown
 
 MAX_REPORTED_PROBLEMS = 20
 
@@ -88,8 +88,9 @@ def detect_format(row: dict[str, Any], prompt_column: str | None = None,
         if prompt in row or response in row:
             return RowFormat(f"{prompt}/{response}", prompt, response)
     raise GlmtuneError(
-        f"cannot tell the format from the keys {sorted(row)}; expected context/target, instruction/input/output, "
-        "prompt/response, conversations or messages, or name the columns with --prompt-column and --response-column")
+        f"cannot tell the format from the keys {shown(sorted(row), 200)}; expected context/target, "
+        "instruction/input/output, prompt/response, conversations or messages, or name the columns with "
+        "--prompt-column and --response-column")
 
 
 class _Problems:
@@ -104,10 +105,11 @@ class _Problems:
             self.items.append(f"{self.path}:{line}: {problem}")
 
     def raise_if_any(self) -> None:
+        if self.count == 1:  # one problem: one line, file:line first
+            raise GlmtuneError(self.items[0])
         if self.count:
             more = f"\n... and {self.count - len(self.items)} more" if self.count > len(self.items) else ""
-            noun = "problem" if self.count == 1 else "problems"
-            raise GlmtuneError(f"{self.path}: {self.count} {noun} in the data:\n" + "\n".join(self.items) + more)
+            raise GlmtuneError(f"{self.path}: {self.count} problems in the data:\n" + "\n".join(self.items) + more)
 
 
 def _decode_lines(path: Path, raw: bytes, problems: _Problems) -> list[str]:
@@ -133,7 +135,8 @@ def _read(path: Path, problems: _Problems) -> list[tuple[int, Any]]:
     text = "\n".join(lines)
     stripped = text.lstrip()
     if not stripped and not problems.count:
-        raise GlmtuneError(f"{path}: the file is empty; it needs at least one sample")
+        what = "holds only blank lines" if text else "is empty"
+        raise GlmtuneError(f"{path}: the file {what}; it needs at least one sample")
     return _read_json_array(path, text) if stripped.startswith("[") else _read_jsonl(lines, problems)
 
 
@@ -270,7 +273,7 @@ def _conversation(row: dict, fmt: RowFormat, line: int, problems: _Problems,
         role_key, content_key = ("from", "value") if "from" in turn else ("role", "content")
         role = ROLE_ALIASES.get(str(turn.get(role_key, "")).lower())
         if role is None:
-            problems.add(line, f"{where}: unknown role {turn.get(role_key)!r}; use system, user or assistant")
+            problems.add(line, f"{where}: unknown role {shown(turn.get(role_key))}; use system, user or assistant")
             return None
         content = turn.get(content_key)
         if not isinstance(content, str):

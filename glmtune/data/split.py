@@ -20,7 +20,11 @@ def split_file(path: str | Path, *, dev_ratio: float, seed: int, output_dir: str
     if not 0 < dev_ratio < 1:
         raise GlmtuneError(f"dev_ratio must be between 0 and 1 (exclusive); got {dev_ratio}")
     path = Path(path)
-    records = [value for _, value in read_records(path)]
+    numbered = read_records(path)
+    for line, value in numbered:  # rows are copied as they are, but a row that is no object is no sample
+        if not isinstance(value, dict):
+            raise GlmtuneError(f"{path}:{line}: each record must be a JSON object, got {type(value).__name__}")
+    records = [value for _, value in numbered]
     if len(records) < 2:
         raise GlmtuneError(f"{path}: {len(records)} row(s) cannot be split into train and dev")
     dev_count = min(max(1, round(len(records) * dev_ratio)), len(records) - 1)

@@ -7,6 +7,7 @@ come from running the real tokenization with those limits, so they are exactly w
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from glmtune.data.formats import Sample
 from glmtune.data.preprocess import Encoder, LengthLimits
 
 CANDIDATE_CUTOFFS = (128, 256, 512, 1024, 2048, 4096)
+LONG_TEXT = 100_000  # characters: a text this long is tokenized once per stats run, not once per limit counted
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -45,7 +47,27 @@ def count_cut(samples: list[Sample], encoder: Encoder, limits: LengthLimits) -> 
     return sum(encoder.encode(s, limits)[1].any for s in samples)
 
 
+def _remembering_long_texts(encoder: Encoder) -> Encoder:
+    """A copy of `encoder` that tokenizes each long text only once. Stats encode every sample once per limit
+    they count (about ten times): for a 10 MB row that would take minutes; short texts are cheap to repeat
+    and are not kept."""
+    memo: dict[str, list[int]] = {}
+    tokens = encoder._tokens
+
+    def remembered(text: str) -> list[int]:
+        if len(text) < LONG_TEXT:
+            return tokens(text)
+        if text not in memo:
+            memo[text] = tokens(text)
+        return memo[text]
+
+    remembering = copy.copy(encoder)
+    remembering._tokens = remembered
+    return remembering
+
+
 def length_stats(samples: list[Sample], encoder: Encoder, limits: LengthLimits | None = None) -> LengthStats:
+    encoder = _remembering_long_texts(encoder)
     turns = [encoder.lengths(s) for s in samples]
     prompts = [src for sample in turns for src, _ in sample]
     answers = [tgt for sample in turns for _, tgt in sample]
@@ -68,10 +90,12 @@ def length_stats(samples: list[Sample], encoder: Encoder, limits: LengthLimits |
 
 
 def format_stats(stats: LengthStats, title: str) -> str:
-    lines = [title, "", f"{'tokens':<10}{'max':>8}{'mean':>9}{'median':>9}{'p95':>8}{'p99':>8}"]
+    w = max(8, len(str(stats.total["max"])) + 3)  # wide enough for a row of millions of tokens
+    lines = [title, "", f"{'tokens':<10}{'max':>{w}}{'mean':>{w + 1}}{'median':>{w + 1}}{'p95':>{w}}{'p99':>{w}}"]
     for name in ("prompt", "answer", "total"):
         d = getattr(stats, name)
-        lines.append(f"{name:<10}{d['max']:>8}{d['mean']:>9.1f}{d['median']:>9.1f}{d['p95']:>8}{d['p99']:>8}")
+        lines.append(f"{name:<10}{d['max']:>{w}}{d['mean']:>{w + 1}.1f}{d['median']:>{w + 1}.1f}{d['p95']:>{w}}"
+                     f"{d['p99']:>{w}}")
     lines += ["", f"samples cut (of {stats.samples}) at:"]
     width = max(len(k) for k in stats.cut_at)
     for described, cut in stats.cut_at.items():

@@ -20,7 +20,8 @@ from glmtune.data.collate import PadCollator
 from glmtune.data.formats import Message, Sample
 from glmtune.data.preprocess import Encoder, LengthLimits
 from glmtune.data.templates import get_template
-from glmtune.models.loader import LoadedModel
+from glmtune.errors import GlmtuneError
+from glmtune.models.loader import LoadedModel, context_length
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,21 @@ class Generator:
             features.append({"input_ids": ids})
         return {k: v.to(self.device) for k, v in self.collate(features).items()}
 
+    def check_prompts(self, samples: list[Sample]) -> None:
+        """Refuse, naming its row, a prompt that leaves the model no room for an answer (counted after
+        `limits` cut it), so that a file is refused whole before anything is written rather than answered
+        half-way or past the context."""
+        limit = context_length(self.loaded.model.config)
+        if limit is None:
+            return
+        for index, sample in enumerate(samples):
+            ids, _ = self.encoder.prompt_ids(sample.prompt_messages, self.limits)
+            if len(ids) >= limit:
+                where = sample.where or f"row {index + 1}"
+                raise GlmtuneError(f"{where}: the prompt is {len(ids)} tokens, but the model's context is {limit} "
+                                   f"tokens (prompt and answer together); shorten it, or cut long prompts with "
+                                   f"--max-source-length (below {limit})")
+
     @torch.inference_mode()
     def generate(self, conversations: list[list[Message]], sampling: Sampling | None = None) -> list[str]:
         """One batch: the answer to each conversation (which ends with a user message)."""
@@ -124,8 +140,6 @@ def _kept_rows(path: Path, samples: list[Sample], batch_size: int) -> tuple[list
     """Rows of an earlier, interrupted run that can be kept, and their length in bytes: complete lines, in
     whole batches (so later batches are the same as in an uninterrupted run), each belonging to the same
     sample as now."""
-    from glmtune.errors import GlmtuneError
-
     rows: list[dict] = []
     ends: list[int] = []  # byte offset after each kept row
     offset = 0
@@ -154,15 +168,18 @@ def _kept_rows(path: Path, samples: list[Sample], batch_size: int) -> tuple[list
 
 def write_predictions(generator: Generator, samples: list[Sample], output_path: str | Path, *,
                       batch_size: int = 8, sampling: Sampling | None = None, progress: bool = True,
-                      resume: bool = False, seed: int | None = None) -> list[str]:
+                      resume: bool = False, seed: int | None = None, check_lengths: bool = True) -> list[str]:
     """Answers every sample in order and writes `prediction_row`s to `output_path` (JSONL), batch by batch
     as they finish. Returns the answers.
 
     With `resume`, the rows an interrupted run already wrote are kept and generation continues after them,
     so the file ends as an uninterrupted run's would. With `seed`, each batch is seeded from the seed and
-    its position, so sampled answers do not depend on where a run resumed either."""
+    its position, so sampled answers do not depend on where a run resumed either. A prompt too long for the
+    model is refused before anything is written (`check_lengths` False: the caller has checked)."""
     from tqdm.auto import tqdm
 
+    if check_lengths:
+        generator.check_prompts(samples)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     kept, kept_bytes = _kept_rows(output_path, samples, batch_size) if resume and output_path.exists() else ([], 0)

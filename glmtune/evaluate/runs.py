@@ -66,17 +66,21 @@ def _load_samples(settings: EvalSettings):
     return samples[: settings.max_samples] if settings.max_samples else samples
 
 
-def _prepare_folder(settings: EvalSettings, overwrite: bool) -> bool:
-    """Create or check the eval folder; True when an earlier run there is continued."""
+def _check_folder(settings: EvalSettings, overwrite: bool) -> bool:
+    """Check the eval folder without writing anything; True when an earlier run there is continued."""
     out = Path(settings.output_dir)
     recorded = out / SETTINGS
     if out.exists() and not out.is_dir():
         raise GlmtuneError(f"{out} exists and is not a folder")
     if overwrite:
-        for name in (PREDICTIONS, METRICS, SETTINGS):
-            (out / name).unlink(missing_ok=True)
-    elif recorded.is_file():
-        earlier = json.loads(recorded.read_text(encoding="utf-8"))
+        return False
+    if recorded.is_file():
+        try:
+            earlier = json.loads(recorded.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict):
+            raise GlmtuneError(f"{recorded} is damaged; use another output folder or --overwrite")
         now = json.loads(json.dumps(settings.identity()))
         differ = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
         if differ:
@@ -84,12 +88,23 @@ def _prepare_folder(settings: EvalSettings, overwrite: bool) -> bool:
             raise GlmtuneError(f"{out} holds an evaluation with other settings ({details}); use another output "
                                "folder or --overwrite")
         return True
-    elif (out / PREDICTIONS).exists():
+    if (out / PREDICTIONS).exists():
         raise GlmtuneError(f"{out / PREDICTIONS} exists but was not written by glmtune eval; use another output "
                            "folder or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings.identity(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return False
+
+
+def _start_folder(settings: EvalSettings, overwrite: bool, resumed: bool) -> None:
+    """Create the eval folder (once the model has loaded and the prompts fit: a failed run writes nothing)."""
+    out = Path(settings.output_dir)
+    if resumed:
+        return
+    if overwrite:
+        for name in (PREDICTIONS, METRICS, SETTINGS):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS).write_text(json.dumps(settings.identity(), indent=2, ensure_ascii=False) + "\n",
+                                encoding="utf-8")
 
 
 def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, Any]:
@@ -102,14 +117,16 @@ def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, An
     if settings.task not in TASKS:
         raise GlmtuneError(f"task must be one of {', '.join(TASKS)}; got {settings.task!r}")
     samples = _load_samples(settings)  # validate the data before loading any model
-    resumed = _prepare_folder(settings, overwrite)
+    resumed = _check_folder(settings, overwrite)
     out = Path(settings.output_dir)
     model, info = load_tuned_model(settings.model, settings.adapter, dtype=settings.dtype,
                                    quantization=settings.quantization, pre_seq_len=settings.pre_seq_len)
     template = settings.template or (info or {}).get("template") or "auto"
     generator = Generator(model, template, LengthLimits(max_source_length=settings.max_source_length))
+    generator.check_prompts(samples)
+    _start_folder(settings, overwrite, resumed)  # only now: a run that fails to load or to fit writes nothing
     answers = write_predictions(generator, samples, out / PREDICTIONS, batch_size=settings.batch_size,
-                                sampling=settings.sampling, resume=resumed, seed=settings.seed)
+                                sampling=settings.sampling, resume=resumed, seed=settings.seed, check_lengths=False)
     metrics = compute_metrics(zip(answers, [s.reference for s in samples]), task=settings.task)
     (out / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log.info("%s: %d answers scored, metrics in %s", settings.output_dir, len(answers), out / METRICS)
@@ -125,8 +142,13 @@ def score_file(path: str | Path, task: str = "auto") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"predictions file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise GlmtuneError(f"{path}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -161,6 +183,10 @@ def run_compare(settings: EvalSettings, *, overwrite: bool = False,
     if overwrite and (out / "report.md").exists():
         (out / "report.md").unlink()
     model = settings.model or info.get("base_model")
+    if info and model:  # an adapter that does not fit is refused before the base is evaluated
+        from glmtune.methods.adapter import check_base_config
+
+        check_base_config(info, Path(settings.adapter), model)
     quantization = Quantization.chosen(Quantization.from_record(info), settings.quantization)
     template = settings.template or info.get("template")
     base = replace(settings, output_dir=str(out / "base"), adapter=None, model=model, template=template,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, one_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 SHARD_BYTES = 5 * 2**30  # the usual Hugging Face shard size
@@ -207,6 +207,14 @@ def adapter_weights_file(adapter: Path) -> Path:
     if source is None or not (adapter / "adapter_config.json").is_file():
         raise GlmtuneError(f"{adapter} lacks adapter_config.json or adapter_model.safetensors; the adapter "
                            "folder is damaged")
+    if source.suffix == ".safetensors":  # reading the header finds a cut or foreign file before any model loads
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(source), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise GlmtuneError(f"cannot read {source}: {one_line(e)}") from None
     return source
 
 

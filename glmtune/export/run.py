@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from glmtune.config import DEFAULT_MODEL
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, one_line
 from glmtune.methods.adapter import ADAPTER_FILE, EXPORT_FILE, FORMAT_VERSION
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -73,6 +73,8 @@ def export_model(adapter: str | Path, output: str | Path, *, model: str | None =
 
         adapter_weights_file(adapter_dir)  # a damaged LoRA folder is refused before any model loads
     base = model or info.get("base_model")
+    if info["method"] != "ptuning" and base:  # and one that does not fit the base (load_tuned_model checks P-Tuning's)
+        _check_base_config(info, adapter_dir, base)
     if base and base != DEFAULT_MODEL and Path(base).is_dir():
         _refuse_overlap(out, Path(base), "base model folder")
     if info["method"] == "ptuning":
@@ -220,13 +222,9 @@ def _load_base(info: dict[str, Any], adapter_dir: Path, model: str | None, devic
 
 def _check_base_config(info: dict[str, Any], adapter_dir: Path, model: str) -> None:
     """Without loading weights: the family and those fingerprint values config.json states must match."""
-    from glmtune.methods.adapter import check_base_fits
-    from glmtune.models.loader import fingerprint, load_tokenizer, read_model_config
+    from glmtune.methods.adapter import check_base_config
 
-    _, family, path = load_tokenizer(model)
-    stated = fingerprint(read_model_config(path))
-    expected = {k: v for k, v in info.get("base_fingerprint", {}).items() if k in stated}
-    check_base_fits({**info, "base_fingerprint": expected}, family, stated, adapter_dir, model)
+    check_base_config(info, adapter_dir, model)
 
 
 def _attach_lora(model, adapter_dir: Path):
@@ -235,12 +233,13 @@ def _attach_lora(model, adapter_dir: Path):
     from peft import LoraConfig, PeftModel
 
     from glmtune.methods.lora import _fit_quantized
+    from glmtune.models.loader import load_errors
 
     try:
         config = _fit_quantized(model, LoraConfig.from_pretrained(str(adapter_dir)))
         adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, config=config)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise GlmtuneError(f"cannot load the LoRA adapter in {adapter_dir}: {e}") from None
+    except load_errors() as e:
+        raise GlmtuneError(f"cannot load the LoRA adapter in {adapter_dir}: {one_line(e)}") from None
     return adapted.eval()
 
 

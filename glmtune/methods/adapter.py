@@ -48,11 +48,18 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
                            "(point --adapter at OUT/adapter or OUT/best of a glmtune run)")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GlmtuneError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(info, dict):
+        raise GlmtuneError(f"{path} must hold a JSON object, not {type(info).__name__}; the adapter folder is damaged")
     for key in ("method", "family", "base_model", "parameters"):
         if key not in info:
             raise GlmtuneError(f"{path} lacks {key!r}; the adapter folder is damaged")
+    for key in ("parameters", "base_fingerprint"):
+        if not isinstance(info.get(key, {}), dict):
+            raise GlmtuneError(f"{path}: {key!r} must be a JSON object; the adapter folder is damaged")
+    if info["method"] == "ptuning" and not isinstance(info["parameters"].get("pre_seq_len"), int):
+        raise GlmtuneError(f"{path}: parameters lack a whole-number 'pre_seq_len'; the adapter folder is damaged")
     return info
 
 
@@ -85,6 +92,16 @@ def check_base_fits(info: dict[str, Any], family: str, fingerprint: dict[str, An
                            f"{model_name} ({details})")
 
 
+def check_base_config(info: dict[str, Any], adapter_dir: Path, model: str) -> None:
+    """`check_base_fits` without loading weights: the family and those fingerprint values config.json states."""
+    from glmtune.models.loader import fingerprint, load_tokenizer, read_model_config
+
+    _, family, path = load_tokenizer(model)
+    stated = fingerprint(read_model_config(path))
+    expected = {k: v for k, v in info.get("base_fingerprint", {}).items() if k in stated}
+    check_base_fits({**info, "base_fingerprint": expected}, family, stated, adapter_dir, model)
+
+
 def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, dtype: str = "auto",
                      device: str | None = None, quantization=None, pre_seq_len: int | None = None):
     """Base model plus (optionally) an adapter, ready for generation; returns (LoadedModel, adapter info).
@@ -96,9 +113,10 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
     None, or, for a folder written by `glmtune export --merge`, `exported_info` (template, method None)."""
     from glmtune.config import DEFAULT_MODEL
     from glmtune.methods import get_method
-    from glmtune.methods.ptuning import OFFICIAL_FILES, load_official, official_checkpoint_info
+    from glmtune.methods.ptuning import OFFICIAL_FILES, check_prefix_fits, load_official, official_checkpoint_info
     from glmtune.models.kbit import Quantization
-    from glmtune.models.loader import default_device, fingerprint, load_model
+    from glmtune.models.loader import (context_length, default_device, fingerprint, load_model, read_model_config,
+                                       resolve_model_path)
 
     adapter = Path(adapter_dir) if adapter_dir else None
     official = (adapter is not None and adapter.is_dir() and not (adapter / ADAPTER_FILE).is_file()
@@ -108,10 +126,20 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
         raise GlmtuneError(f"{adapter} is not a glmtune adapter ({ADAPTER_FILE} is missing); to load it as an "
                            "official P-Tuning checkpoint, name its base model with --model")
     name = model_name or (info["base_model"] if info else DEFAULT_MODEL)
-    if official:  # checked before the model loads: a folder of other weights is refused at once
+    # Everything that can be checked without the weights is checked before they load (minutes, for a 6B model).
+    if official:  # a folder of other weights is refused at once
         info = official_checkpoint_info(adapter, pre_seq_len)
         if info is None:
             read_adapter_info(adapter)  # raises the usual "not a glmtune adapter" message
+    elif info:
+        get_method(info["method"])  # an unknown method
+        if pre_seq_len is not None and info["method"] == "ptuning" and pre_seq_len != info["parameters"]["pre_seq_len"]:
+            raise GlmtuneError(f"adapter {adapter} has pre_seq_len {info['parameters']['pre_seq_len']}, but "
+                               f"--pre-seq-len {pre_seq_len} was given; leave it out for glmtune adapters")
+        check_base_config(info, adapter, name)
+    if info and info["method"] == "ptuning":
+        base_config = read_model_config(resolve_model_path(name))
+        check_prefix_fits(info["parameters"]["pre_seq_len"], context_length(base_config))
     quantization = Quantization.chosen(Quantization.from_record(info), quantization)
     loaded = load_model(name, dtype=dtype, device=device or default_device(), quantization=quantization)
     if official:
@@ -119,9 +147,6 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
         loaded.model = load_official(loaded.model, info, adapter)
     elif info:
         check_base_fits(info, loaded.family, fingerprint(loaded.model.config), adapter, name)
-        if pre_seq_len is not None and info["method"] == "ptuning" and pre_seq_len != info["parameters"]["pre_seq_len"]:
-            raise GlmtuneError(f"adapter {adapter} has pre_seq_len {info['parameters']['pre_seq_len']}, but "
-                               f"--pre-seq-len {pre_seq_len} was given; leave it out for glmtune adapters")
         loaded.model = get_method(info["method"]).load(loaded.model, adapter, info)
     elif adapter is None:  # a merged export remembers its prompt template
         info = exported_info(loaded.path)

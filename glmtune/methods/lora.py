@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, one_line
 
 # Default target modules per family; the generic family uses peft's own per-architecture defaults.
 FAMILY_TARGETS = {
@@ -55,11 +55,13 @@ class LoraMethod:
         """The base with the adapter merged in, for generation."""
         from peft import LoraConfig, PeftModel
 
+        from glmtune.models.loader import load_errors
+
         try:
             config = _fit_quantized(model, LoraConfig.from_pretrained(directory))
             adapted = PeftModel.from_pretrained(model, directory, is_trainable=False, config=config)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise GlmtuneError(f"cannot load the LoRA adapter in {directory}: {e}") from None
+        except load_errors() as e:
+            raise GlmtuneError(f"cannot load the LoRA adapter in {directory}: {one_line(e)}") from None
         return self.for_inference(adapted)
 
     def for_inference(self, model):

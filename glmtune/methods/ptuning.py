@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, one_line
 
 NATIVE_PREFIX_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # the model has a built-in, official prefix encoder
 WEIGHTS_FILE = "prefix_encoder.safetensors"
@@ -36,14 +36,19 @@ def _encoder(model):
     return model.transformer.prefix_encoder if _native(model) else model.prefix_encoder
 
 
-def _enable(model, parameters: dict[str, Any], *, fresh: bool = True) -> None:
-    """Give the model its prefix encoder; `fresh` False when trained weights are loaded into it next."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
-    pre_seq_len = parameters["pre_seq_len"]
+def check_prefix_fits(pre_seq_len: int, limit: int | None) -> None:
+    """A prefix as long as the model's context (`limit` tokens, None: unknown) leaves no room for text."""
     if limit and pre_seq_len >= limit:
         raise GlmtuneError(f"pre_seq_len {pre_seq_len} leaves no room for text: the model's context is {limit} "
                            "tokens; use a prefix of a few hundred tokens at most")
+
+
+def _enable(model, parameters: dict[str, Any], *, fresh: bool = True) -> None:
+    """Give the model its prefix encoder; `fresh` False when trained weights are loaded into it next."""
+    from glmtune.models.loader import context_length
+
+    pre_seq_len = parameters["pre_seq_len"]
+    check_prefix_fits(pre_seq_len, context_length(model.config))
     if _native(model):
         model.transformer.enable_prefix(pre_seq_len, projection=parameters["prefix_projection"],
                                         hidden_size=parameters.get("prefix_hidden_size"))
@@ -59,7 +64,8 @@ def prefix_state(model) -> dict[str, torch.Tensor]:
     return {names + k: v.detach().float().contiguous().cpu() for k, v in _encoder(model).state_dict().items()}
 
 
-def _load_prefix(model, state: dict[str, torch.Tensor], directory: Path, parameters: dict[str, Any]) -> None:
+def _load_prefix(model, state: dict[str, torch.Tensor], directory: Path, parameters: dict[str, Any], *,
+                 official: bool = False) -> None:
     key_prefix = _key_prefix(model)
     state = {k.removeprefix(key_prefix): v for k, v in state.items() if k.startswith(key_prefix)}
     if not state:
@@ -73,6 +79,9 @@ def _load_prefix(model, state: dict[str, torch.Tensor], directory: Path, paramet
                            f"prefix_projection is {parameters['prefix_projection']}; set it to match")
     rows = found["embedding.weight"][0]
     if rows != parameters["pre_seq_len"]:
+        if not official:  # a glmtune adapter records its own length: the two disagree only in a damaged folder
+            raise GlmtuneError(f"the prefix in {directory} has pre_seq_len {rows}, but its glmtune_adapter.json says "
+                               f"{parameters['pre_seq_len']}; the adapter folder is damaged")
         raise GlmtuneError(f"the prefix in {directory} has pre_seq_len {rows}, but pre_seq_len "
                            f"{parameters['pre_seq_len']} was asked for; use --pre-seq-len {rows}")
     wrong = {k: (found[k], v) for k, v in expected.items() if found[k] != v}
@@ -134,14 +143,22 @@ def official_checkpoint_info(directory: Path, pre_seq_len: int | None) -> dict[s
     if (directory / "config.json").is_file():
         try:
             config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             config = {}
+        config = config if isinstance(config, dict) else {}
     rows = int(state[KEY_PREFIX + "embedding.weight"].shape[0]) if KEY_PREFIX + "embedding.weight" in state else None
     recorded = config.get("pre_seq_len")
     if pre_seq_len is None and recorded is None:
         raise GlmtuneError(f"{directory} is an official P-Tuning checkpoint; give its prefix length with "
                            f"--pre-seq-len (its weights have {rows} rows)")
     wanted = pre_seq_len if pre_seq_len is not None else recorded
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+        raise GlmtuneError(f"{directory / 'config.json'}: pre_seq_len must be a positive whole number, got {wanted!r}; "
+                           f"give it with --pre-seq-len (its weights have {rows} rows)")
+    if rows is not None and int(wanted) != rows:  # refused here, before the base model loads
+        given = f"--pre-seq-len {pre_seq_len} was given" if pre_seq_len is not None else \
+            f"its config.json says pre_seq_len {recorded}"
+        raise GlmtuneError(f"the prefix in {directory} has pre_seq_len {rows}, but {given}; use --pre-seq-len {rows}")
     return {
         "method": "ptuning",
         "base_model": None,
@@ -161,7 +178,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: say which and why
-        raise GlmtuneError(f"cannot read {path}: {e}") from None
+        raise GlmtuneError(f"cannot read {path}: {one_line(e)}") from None
 
 
 def load_official(model, info: dict[str, Any], directory: Path):
@@ -170,5 +187,5 @@ def load_official(model, info: dict[str, Any], directory: Path):
                            f"{info['family']} model; it loads over ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B")
     parameters = info["parameters"]
     _enable(model, parameters, fresh=False)
-    _load_prefix(model, read_weights(Path(info["official_weights"])), directory, parameters)
+    _load_prefix(model, read_weights(Path(info["official_weights"])), directory, parameters, official=True)
     return model

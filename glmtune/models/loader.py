@@ -9,17 +9,34 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from glmtune.config import DEFAULT_MODEL
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, one_line
 from glmtune.models.kbit import Quantization
 
 log = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged, truncated or foreign weight file raises (rather than a bug in glmtune)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError
+
+
+def _cannot_load(path: Path, error: BaseException) -> GlmtuneError:
+    text = str(error)
+    if "ignore_mismatched_sizes" in text:  # transformers' wording points at a report glmtune does not show
+        text = "the weights' shapes do not match its config.json (a config.json of another model size?)"
+    return GlmtuneError(f"cannot load the model from {path}: {one_line(text)}")
 
 
 @dataclass
@@ -57,9 +74,12 @@ def resolve_model_path(name: str) -> Path:
 
 def read_model_config(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GlmtuneError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise GlmtuneError(f"{path / 'config.json'} must hold a JSON object, not {type(config).__name__}")
+    return config
 
 
 def detect_family(config: dict[str, Any], name: str = "") -> str:
@@ -124,7 +144,7 @@ def load_tokenizer(name: str) -> tuple[Any, str, Path]:
 
             tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise GlmtuneError(f"cannot load the tokenizer from {path}: {e}") from None
+        raise GlmtuneError(f"cannot load the tokenizer from {path}: {one_line(e)}") from None
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss, so any token serves; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -152,9 +172,11 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
     """Load weights and tokenizer. `device` None leaves the model on the CPU (the Trainer places it), except
     a bitsandbytes base, which is quantized on the device it runs on. `quantization` (or just its bits, 8
     or 4, with the family's default backend) quantizes the base's linear layers; see glmtune.models.kbit."""
-    tokenizer, family, path = load_tokenizer(name)
-    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+    path = resolve_model_path(name)
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):  # before the tokenizer, whose error would say less
         raise GlmtuneError(f"{path} has a config.json but no weight files (*.safetensors or *.bin)")
+    _check_safetensors(path)
+    tokenizer, family, path = load_tokenizer(name)
     torch_dtype = resolve_dtype(dtype, device or default_device())
     quantization = Quantization.of(quantization).for_family(family)
     extra: dict[str, Any] = {}
@@ -170,9 +192,15 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
+            model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
+                                                                  **extra)
+        except load_errors() as e:
+            raise _cannot_load(path, e) from None
+        missing = sorted(loading.get("missing_keys") or ())
+        if missing:  # transformers would fill them with random values and only warn
+            names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise GlmtuneError(f"{path} is incomplete: no weight file holds {len(missing)} of the weights its "
+                               f"config.json needs ({names}); a shard is missing or was cut short")
     if device and not extra:
         model.to(device)
     if family == "chatglm3":  # end answers where the official chat() does
@@ -182,7 +210,22 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
                                                       | _known_tokens(tokenizer, GLM4_STOP_TOKENS))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, family, path, name, quantization)
+    # adapters record the base by this name: a folder by its absolute path, so they work from any directory
+    recorded = name if name == DEFAULT_MODEL else os.path.abspath(os.path.expanduser(name))
+    return LoadedModel(model, tokenizer, family, path, recorded, quantization)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header of every safetensors file of the checkpoint (a few KB each): a file cut short or not
+    safetensors at all is named before anything loads."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise GlmtuneError(f"cannot read {file}: {one_line(e)} (the file is damaged or was cut short)") from None
 
 
 def _native_classes(family: str):
@@ -221,14 +264,29 @@ def _load_native(path: Path, family: str, torch_dtype, quantization: Quantizatio
                            f"quantization_bit {quantization.bits} (use {stored} or leave it out)")
     try:
         model = model_class.from_pretrained(path, config=config, dtype=torch_dtype, **extra)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise GlmtuneError(f"cannot load the model from {path}: {e}") from None
+    except load_errors() as e:
+        raise _cannot_load(path, e) from None
     if stored:
         return model, Quantization(bits=stored, backend="chatglm")
     if quantization.backend == "chatglm":
         quantize_modules(quantized_part(model), quantization.bits, CHATGLM_QUANTIZED_NAMES)
         model.config.quantization_bit = quantization.bits
     return model, quantization
+
+
+def context_length(config) -> int | None:
+    """The longest sequence (prompt + answer) the model was built for, from its config (or config.json's
+    mapping)."""
+    if isinstance(config, dict):
+        get = (config.get("text_config") or config).get
+    else:
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        get = lambda key: getattr(config, key, None)  # noqa: E731
+    for key in ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions"):
+        value = get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def fingerprint(config) -> dict[str, Any]:

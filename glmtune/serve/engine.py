@@ -20,6 +20,7 @@ import torch
 from glmtune.data.formats import Message
 from glmtune.errors import GlmtuneError
 from glmtune.evaluate.generate import Generator, Sampling
+from glmtune.models.loader import context_length
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-
-def context_length(config) -> int | None:
-    """The longest sequence (prompt + answer) the model was built for, from its config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class _AnswerText:

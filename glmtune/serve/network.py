@@ -18,7 +18,8 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family, reuse_port=False)
     except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
+        # An unresolvable host is a gaierror with a negative errno that os.strerror cannot name.
+        reason = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
         raise GlmtuneError(f"cannot listen on {host}:{port}: {reason}"
                            + (" (another server is using it; pick another --port)" if port else "")) from None
 

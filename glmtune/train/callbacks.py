@@ -1,5 +1,5 @@
 """What glmtune adds to the Trainer: a progress bar with speed and ETA, a JSONL log, evaluation at the end
-of each epoch, and the best adapter by eval loss."""
+of each epoch, the best adapter by eval loss, and skipping steps that are not finite."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -50,6 +51,10 @@ class ProgressBar(TrainerCallback):
             (self.bar.write if self.bar is not None else log.info)(message)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Also called when training fails, so the error is the last thing printed, not the bar."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -131,10 +136,11 @@ class KeepBestAdapter(TrainerCallback):
             return control
         if value < self.best if self.lower_is_better else value > self.best:
             self.best, self.stale = value, 0
+            # Every process calls it (ZeRO-3 and FSDP gather the weights together); only the main one writes.
+            self.save_adapter(model, self.directory, {"eval_loss": (metrics or {}).get("eval_loss"),
+                                                      "step": state.global_step, "best_metric": self.metric,
+                                                      "best_value": value})
             if state.is_world_process_zero:
-                self.save_adapter(model, self.directory, {"eval_loss": (metrics or {}).get("eval_loss"),
-                                                          "step": state.global_step, "best_metric": self.metric,
-                                                          "best_value": value})
                 log.info("new best %s %.4f at step %d: adapter saved to %s", self.metric, value, state.global_step,
                          self.directory)
             return control
@@ -143,4 +149,52 @@ class KeepBestAdapter(TrainerCallback):
             log.info("no better %s in %d evaluations (best %.4f): stopping early at step %d", self.metric,
                      self.stale, self.best, state.global_step)
             control.should_training_stop = True
+        return control
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Drops the update of a step whose gradients are NaN or infinite (a NaN loss makes them so), counts it,
+    and stops training at the first one (`stop`) or after `limit` in a row. Runs just before the optimizer
+    step: a parameter whose gradient is None is left alone by the optimizer (no update, no momentum, no
+    weight decay), so a skipped step changes no weight. Under data parallelism every process holds the same
+    averaged gradients and so decides the same."""
+
+    def __init__(self, policy: str = "skip", limit: int = 10):
+        self.policy, self.limit = policy, limit
+        self.skipped = 0
+        self.in_a_row = 0
+        self.stopped_at: int | None = None
+        self.window = [0, 0]  # steps and skipped steps since the last logged training loss
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        self.window[0] += 1
+        if finite:
+            self.in_a_row = 0
+            return control
+        self.window[1] += 1
+        step = state.global_step + 1
+        for p in params:
+            p.grad = None
+        self.skipped += 1
+        self.in_a_row += 1
+        log.warning("step %d: the loss or gradients are not finite (NaN or inf); its update is skipped (%d so far)",
+                    step, self.skipped)
+        if self.policy == "stop" or self.in_a_row >= self.limit:
+            self.stopped_at = step
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Runs before the other loggers: the Trainer fills a skipped step's loss in with an average of the
+        others (0 when nothing else is in the window), so a window of skipped steps logs no loss at all."""
+        if logs is None or "loss" not in logs:
+            return control
+        steps, skipped = self.window
+        if skipped:
+            logs["nonfinite_skipped"] = skipped
+            if skipped == steps:
+                del logs["loss"]
+        self.window = [0, 0]
         return control

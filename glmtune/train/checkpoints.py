@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from glmtune.errors import GlmtuneError
+
 STAGING = ".saving-"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint by the Trainer
@@ -91,6 +93,11 @@ class AtomicCheckpoints:
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except OSError as e:  # a full disk, a vanished folder: no checkpoint, and a message instead of a trace
+            shutil.rmtree(staging, ignore_errors=True)
+            done = complete_checkpoints(out)
+            raise GlmtuneError(f"cannot write checkpoint {step} to {out}: {e.strerror or e}; the last complete "
+                               f"checkpoint is {done[-1] if done else 'none'} (free space, then --resume)") from None
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()  # every process has written its files

@@ -124,7 +124,10 @@ class LabelledLossTrainer(AtomicCheckpoints, Trainer):
 
     def __init__(self, *args, answer_metrics=None, labelled_logits: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fast_loss: bool | None = None if labelled_logits and _parts(self.model) else False
+        # DeepSpeed ZeRO and FSDP hold the weights sharded and gather each module's in its forward: the output
+        # layer's weight, read directly here, would be a shard. They keep the model's own loss.
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self.fast_loss: bool | None = None if labelled_logits and not sharded and _parts(self.model) else False
         self.answer_metrics = answer_metrics  # callable(model) -> {name: value}, from answers to dev prompts
 
     def _track_num_input_tokens(self, inputs):

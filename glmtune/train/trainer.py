@@ -34,8 +34,10 @@ from glmtune.methods import get_method
 from glmtune.methods.adapter import write_adapter_info
 from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, fingerprint, load_model
-from glmtune.train.callbacks import EvaluateEachEpoch, JsonlLog, KeepBestAdapter, ProgressBar
+from glmtune.train.callbacks import EvaluateEachEpoch, JsonlLog, KeepBestAdapter, NonFiniteGuard, ProgressBar
 from glmtune.train.checkpoints import complete_checkpoints, remove_leftovers, staged_folder
+from glmtune.train.distributed import (barrier, check_deepspeed, gathered, is_main_process, parameter_count,
+                                      same_on_all_ranks, world_size)
 from glmtune.train.loss import LabelledLossTrainer
 from glmtune.train.plot import plot_loss
 
@@ -168,6 +170,11 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,  # glmtune's own progress bar replaces the Trainer's
+        # Several processes (torchrun, --nproc): gloo on the CPU (the GPU default is nccl); every trainable
+        # tensor of LoRA and P-Tuning takes part in each step, so DDP need not search for unused ones.
+        ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,
+        ddp_find_unused_parameters=False,
+        deepspeed=cfg.deepspeed,
         **precision_flags(cfg.precision, on_gpu),
     )
 
@@ -186,6 +193,8 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     """Train as `cfg` says. `loaded` lets a caller (the demo) reuse a model it already loaded."""
     if not cfg.train_file:
         raise GlmtuneError("train_file is required (a JSON or JSONL file; see `glmtune data validate`)")
+    if cfg.deepspeed:
+        check_deepspeed(cfg.deepspeed)
     columns = {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
     train_samples, fmt = load_samples(cfg.train_file, **columns)
     dev_samples = load_samples(cfg.dev_file, **columns)[0] if cfg.dev_file else []
@@ -198,6 +207,12 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         log.warning("eval_steps / eval_on_start have no effect without dev_file")
     _check_answer_options(cfg, dev_samples)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
+    # Built before the model loads: under torchrun this joins the process group, and DeepSpeed ZeRO-3 must
+    # be configured before from_pretrained to load the weights already partitioned.
+    args = _training_arguments(cfg, out, bool(dev_samples))
+    if not cfg.output_dir:  # every process dated a folder by its own clock: the main process's wins
+        out = same_on_all_ranks(out)
+        args.output_dir = str(out)
     resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
     check_report_to(cfg.report_to)
 
@@ -233,14 +248,22 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     parameters = method.parameters(cfg, loaded.family)
     model = method.apply(loaded.model, cfg, loaded.family)
     model.config.use_cache = False
-    create_output_dir(out, earlier)  # only now: a run that fails to load writes nothing
-    (out / "resolved_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    barrier()  # every process has checked output_dir before the main process changes it
+    if is_main_process():  # the other processes (torchrun, --nproc) write nothing of glmtune's own
+        create_output_dir(out, earlier)  # only now: a run that fails to load writes nothing
+        (out / "resolved_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     log.info("%s: %s trainable parameters of %s (%.2f%%)", cfg.method, f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
 
     def save_adapter(trained_model, directory: Path, extra: dict[str, Any]) -> None:
+        """Called in every process: ZeRO-3 and FSDP gather the weights together; the main process writes."""
+        with gathered(trained_model):
+            if is_main_process():
+                write_adapter(trained_model, directory, extra)
+
+    def write_adapter(trained_model, directory: Path, extra: dict[str, Any]) -> None:
         with staged_folder(directory) as staged:  # a kill mid-save leaves the previous adapter whole
             method.save(trained_model, staged)
             write_adapter_info(staged, method=cfg.method, family=loaded.family, base_model=loaded.name,
@@ -251,7 +274,9 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
 
     from transformers.trainer_callback import PrinterCallback
 
-    callbacks = [ProgressBar(), JsonlLog(out / "train_log.jsonl")]
+    guard = NonFiniteGuard(cfg.nonfinite, cfg.max_nonfinite_steps)
+    progress = ProgressBar()
+    callbacks = [guard, progress, JsonlLog(out / "train_log.jsonl")]  # guard first: it edits the logs
     if dev_features:
         callbacks.append(KeepBestAdapter(out / "best", save_adapter, cfg.metric_for_best, cfg.early_stopping_patience))
         if cfg.eval_each_epoch:
@@ -259,7 +284,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     with _adapter_marked(model):
         trainer = LabelledLossTrainer(
             model=model,
-            args=_training_arguments(cfg, out, bool(dev_features)),
+            args=args,
             data_collator=collator,
             train_dataset=FeatureDataset(train_features),
             eval_dataset=FeatureDataset(dev_features) if dev_features else None,
@@ -270,7 +295,14 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressBar and JsonlLog cover them
     if resume_from:
         log.info("resuming from %s", resume_from)
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        progress.close()
+    if guard.stopped_at is not None:
+        _stop_for_nonfinite(guard, cfg, out)
+    if guard.skipped:
+        log.warning("%d steps were skipped because their loss or gradients were not finite", guard.skipped)
 
     eval_metrics: dict[str, Any] = {}
     if dev_features:
@@ -291,17 +323,31 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         "best_eval_loss": min(best_losses) if best_losses else None,
         "initial_eval_loss": initial[0] if initial else None,
         "global_step": trainer.state.global_step,
+        "world_size": args.world_size,  # processes that trained together (torchrun, --nproc)
         "trainable_parameters": trainable,
+        "nonfinite_steps_skipped": guard.skipped,
         "truncation": {"train": _report_dict(train_report), **({"dev": _report_dict(dev_report)} if dev_report else {})},
     }
-    if cfg.eval_generate and dev_samples:
-        metrics["report"] = str(_compare_after_training(cfg, loaded, template.name, out, best_dir or adapter_dir))
-    (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
-    plot_loss(out / "train_log.jsonl", out / "loss.png")
+    if is_main_process():
+        if cfg.eval_generate and dev_samples:
+            metrics["report"] = str(_compare_after_training(cfg, loaded, template.name, out, best_dir or adapter_dir))
+        (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
+        plot_loss(out / "train_log.jsonl", out / "loss.png")
     log.info("adapter saved to %s%s", adapter_dir, f"; best (eval_loss {metrics['best_eval_loss']:.4f}) in {best_dir}"
              if best_dir else "")
     model.config.use_cache = True
     return TrainResult(out, adapter_dir, best_dir, metrics, model, template.name)
+
+
+def _stop_for_nonfinite(guard: NonFiniteGuard, cfg: TrainConfig, out: Path) -> None:
+    """Training ended on non-finite steps: say where, and what is left to resume from."""
+    checkpoints = complete_checkpoints(out)
+    why = ("nonfinite is stop" if cfg.nonfinite == "stop" else
+           f"{guard.in_a_row} steps in a row were not finite (max_nonfinite_steps {cfg.max_nonfinite_steps})")
+    last = (f"the last good checkpoint is {checkpoints[-1]} (continue with --resume, e.g. with a lower learning_rate)"
+            if checkpoints else "no checkpoint was saved before it")
+    raise GlmtuneError(f"training stopped at step {guard.stopped_at}: its loss or gradients were NaN or infinite and "
+                       f"{why}; {guard.skipped} steps skipped in all; {last}")
 
 
 def pack_collator(loaded: LoadedModel) -> PackCollator:
