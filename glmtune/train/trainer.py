@@ -72,10 +72,6 @@ def default_output_dir(prefix: str = "train") -> Path:
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _checkpoints(directory: Path) -> list[Path]:
-    return complete_checkpoints(directory)
-
-
 def check_output_dir(directory: Path, *, overwrite: bool, resume: bool) -> tuple[Path | None, list[Path]]:
     """Refuse to overwrite an earlier run silently, before anything is loaded or written.
 
@@ -85,13 +81,13 @@ def check_output_dir(directory: Path, *, overwrite: bool, resume: bool) -> tuple
         raise GlmtuneError("give either --overwrite (start again) or --resume (continue), not both")
     existing = directory.is_dir()
     if resume:
-        checkpoints = _checkpoints(directory) if existing else []
+        checkpoints = complete_checkpoints(directory) if existing else []
         if not checkpoints:
             raise GlmtuneError(f"--resume: {directory} has no checkpoint-N folder to continue from")
         return checkpoints[-1], []
     if directory.exists() and not existing:
         raise GlmtuneError(f"output_dir {directory} exists and is not a folder")
-    earlier = ([p for p in (directory / name for name in RUN_FILES) if p.exists()] + _checkpoints(directory)
+    earlier = ([p for p in (directory / name for name in RUN_FILES) if p.exists()] + complete_checkpoints(directory)
                if existing else [])
     if earlier and not overwrite:
         raise GlmtuneError(f"{directory} already holds a training run ({earlier[0].name}); pass --resume to "
