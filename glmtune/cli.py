@@ -1,5 +1,4 @@
-"""The `glmtune` command: train, predict, eval, compare, metrics, chat, serve, webui, export, demo, bench and
-data tools.
+"""The `glmtune` command: train, evaluate, chat, serve and export fine-tuned models, and data tools.
 
 Errors a user can fix (GlmtuneError) are printed as one line without a traceback and exit with status 2.
 """
