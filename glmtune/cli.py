@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # let argparse print its usage error (exit 2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # glmtune never downloads; fail fast instead of waiting
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from glmtune.models.kbit import hold_back_bitsandbytes, release_bitsandbytes
+
+    held = hold_back_bitsandbytes()  # imported only where a bitsandbytes base is used (see glmtune.models.kbit)
     try:
         _setup_logging(args.verbose)
         if args.command == "train":
@@ -571,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nglmtune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if held:
+            release_bitsandbytes()
 
 
 if __name__ == "__main__":

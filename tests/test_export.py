@@ -222,14 +222,14 @@ def test_merged_export_casts_to_the_asked_dtype(tiny_family_dir, tmp_path):
 
 # ---------------------------------------------------------------- LoRA over a quantized base
 
-def test_lora_over_a_4bit_bitsandbytes_base_merges_into_the_dequantized_weights(tiny_model_dir, tmp_path):
-    pytest.importorskip("bitsandbytes")
+def test_lora_over_a_4bit_bitsandbytes_base_merges_into_the_dequantized_weights(tiny_model_dir, tmp_path,
+                                                                              bitsandbytes_cpu_path):
+    """On both of bitsandbytes' CPU paths (see the fixture): the merge reads the NF4 weights the adapter was
+    trained against, never bytes repacked for AVX-512 BF16."""
     from glmtune.models.kbit import Quantization, bitsandbytes_problem
     from glmtune.models.loader import load_model
 
-    problem = bitsandbytes_problem("cpu")
-    if problem:
-        pytest.skip(problem)
+    assert bitsandbytes_problem("cpu") is None
     adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(4))
     out = tmp_path / "merged"
     report = export_model(adapter, out, merge=True)
@@ -247,6 +247,51 @@ def test_lora_over_a_4bit_bitsandbytes_base_merges_into_the_dequantized_weights(
     answers, logits = _answers(merged)
     assert answers == expected_answers
     assert torch.allclose(logits, expected_logits, atol=1e-4)
+
+
+def test_lora_over_an_8bit_bitsandbytes_base_merges_and_the_check_states_the_difference(tiny_model_dir, tmp_path):
+    """The one merge that is not lossless: bitsandbytes' 8-bit matmul rounds activations to int8 too, which the
+    merged float model does not. The export finishes and its check line says what changed."""
+    from glmtune.models.kbit import Quantization
+
+    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(8))
+    report = export_model(adapter, tmp_path / "merged", merge=True)
+    assert "8-bit (bitsandbytes) base with the adapter vs the merged dequantized weights" in report.check
+    assert "max |logit diff|" in report.check
+    assert json.loads((tmp_path / "merged" / "glmtune_export.json").read_text())["merged_from_quantization"][
+        "bits"] == 8
+
+
+@pytest.mark.parametrize("quantization", [0, 4])
+def test_a_merge_that_changes_the_answers_is_refused_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        capsys, quantization):
+    """A lossless merge (full weights, or 4-bit NF4) whose result answers differently is a bug: the export
+    stops with one line and exit 2, and the earlier output stays as it was."""
+    import glmtune.export.merge as merge
+    from glmtune.cli import main
+    from glmtune.models.kbit import Quantization
+
+    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(quantization))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    fold = merge.fold_lora
+
+    def wrong_fold(peft_model):  # as a merge that read the wrong base weights would
+        plain = fold(peft_model)
+        with torch.no_grad():
+            for name, param in plain.named_parameters():
+                if name.endswith("q_proj.weight"):
+                    param.mul_(-3.0)
+        return plain
+
+    monkeypatch.setattr(merge, "fold_lora", wrong_fold)
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(adapter), "--output", str(out), "--merge", "--overwrite"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("glmtune: error: the export was not written: its answers differ")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
 
 
 def test_lora_over_a_stored_int4_chatglm_checkpoint_merges_to_full_weights(tiny_family_dir, tmp_path):

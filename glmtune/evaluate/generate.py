@@ -91,14 +91,27 @@ class Generator:
                                    f"--max-source-length (below {limit})")
 
     @torch.inference_mode()
-    def generate(self, conversations: list[list[Message]], sampling: Sampling | None = None) -> list[str]:
-        """One batch: the answer to each conversation (which ends with a user message)."""
+    def _new_tokens(self, conversations: list[list[Message]], sampling: Sampling | None) -> torch.Tensor:
         sampling = sampling or Sampling()
         inputs = self._inputs(conversations)
         config = sampling.generation_config(self.tokenizer.pad_token_id, self.encoder.stop_ids)
         output = self.loaded.model.generate(**inputs, generation_config=config)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+        return output[:, inputs["input_ids"].shape[1]:]
+
+    def generate(self, conversations: list[list[Message]], sampling: Sampling | None = None) -> list[str]:
+        """One batch: the answer to each conversation (which ends with a user message)."""
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                for row in self._new_tokens(conversations, sampling)]
+
+    def generate_ids(self, conversations: list[list[Message]], sampling: Sampling | None = None) -> list[list[int]]:
+        """One batch, as token ids: each answer's new tokens up to and including the stop token that ended it
+        (the padding after it left out). Stricter than the text, which hides special and unknown tokens."""
+        stops = self.encoder.stop_ids
+        answers = []
+        for row in self._new_tokens(conversations, sampling).tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            answers.append(row[:end])
+        return answers
 
     def stream(self, messages: list[Message], sampling: Sampling | None = None) -> Iterator[str]:
         """Pieces of one answer as they are generated."""

@@ -180,6 +180,10 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
     torch_dtype = resolve_dtype(dtype, device or default_device())
     quantization = Quantization.of(quantization).for_family(family)
     extra: dict[str, Any] = {}
+    if _stored_with_bitsandbytes(path):  # transformers quantizes it while loading, with bitsandbytes
+        from glmtune.models.kbit import import_bitsandbytes
+
+        import_bitsandbytes()
     if quantization.backend == "bitsandbytes":
         from glmtune.models.kbit import bitsandbytes_config, check_bitsandbytes
 
@@ -201,6 +205,12 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
             names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise GlmtuneError(f"{path} is incomplete: no weight file holds {len(missing)} of the weights its "
                                f"config.json needs ({names}); a shard is missing or was cut short")
+    from glmtune.models.kbit import is_bitsandbytes_model
+
+    if is_bitsandbytes_model(model):
+        from glmtune.models.kbit import keep_standard_layout
+
+        keep_standard_layout(model)  # the same weights and arithmetic on every CPU (see glmtune.models.kbit)
     if device and not extra:
         model.to(device)
     if family == "chatglm3":  # end answers where the official chat() does
@@ -213,6 +223,12 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
     # adapters record the base by this name: a folder by its absolute path, so they work from any directory
     recorded = name if name == DEFAULT_MODEL else os.path.abspath(os.path.expanduser(name))
     return LoadedModel(model, tokenizer, family, path, recorded, quantization)
+
+
+def _stored_with_bitsandbytes(path: Path) -> bool:
+    """Whether config.json says the checkpoint is stored quantized by bitsandbytes."""
+    stored = read_model_config(path).get("quantization_config")
+    return isinstance(stored, dict) and stored.get("quant_method") == "bitsandbytes"
 
 
 def _check_safetensors(path: Path) -> None:
