@@ -276,15 +276,121 @@ def test_padding_options(tok):
         tok(texts, padding=True, padding_side="right")
 
 
-def test_special_tokens_written_in_text(tok):
-    expected = ["▁", "你好", "[MASK]", "▁", "世界"]
-    assert tok.tokenize("你好[MASK]世界") == tok.tokenize("你好 [MASK] 世界") == expected
-    assert tok.encode("x <sop> y") == [399, 130004, 548, 130001, 130004]
-    assert tok.encode("<unk>", add_special_tokens=False) == [0]
-    # [gMASK] and </s> are no special tokens of the official class: written in text they are plain text
+# Expected ids below come from the official tokenization_chatglm.py (THUDM/chatglm-6b 8b7d335) run under
+# transformers 4.30.2 on the real ice_text.model: by default as the class constructed from its vocabulary (which
+# registers no special token for matching in text), with parse_special_tokens=True as
+# AutoTokenizer.from_pretrained(folder, trust_remote_code=True) loaded it (its sanitize step made the five named
+# specials no-split tokens that swallow the whitespace around them).
+WRITTEN_SPECIALS_PLAIN = {
+    "x <sop> y": [399, 46, 106, 2823, 33, 548],
+    "你好[MASK]世界": [5, 74874, 52, 15475, 42, 64097],
+    "<eop>": [46, 150, 2823, 33],
+    "<pad>\t<unk>": [46, 6784, 33, 130008, 60, 14846, 33],
+    "a\n<eop>\nb": [104, 4, 60, 150, 2823, 33, 4, 178],
+    "[gMASK]<sop>": [53, 199, 15475, 42, 60, 106, 2823, 33],
+    "<SOP> [Mask]": [46, 41666, 33, 53, 12348, 42],
+    "<image_5><n><|tab|>": [46, 1526, 24, 15, 33, 4, 130008],  # <n> and <|tab|> are whitespace pieces in any mode
+}
+WRITTEN_SPECIALS_PARSED = {
+    "x <sop> y": [399, 130004, 548],
+    "你好[MASK]世界": [5, 74874, 130000, 5, 64097],
+    "<eop>": [130005],
+    "<pad>\t<unk>": [3, 0],
+    "a\n<eop>\nb": [104, 130005, 463],
+    "[gMASK]<sop>": [53, 199, 15475, 42, 130004],
+    "<SOP> [Mask]": [46, 41666, 33, 53, 12348, 42],
+    "<image_5><n><|tab|>": [46, 1526, 24, 15, 33, 4, 130008],
+}
+# do_lower_case=True: the text is lower-cased one character at a time first (a final "Σ" gives "σ"), and only
+# then are the parsed special tokens looked for, so "<SOP>" becomes <sop> when they are parsed
+WRITTEN_SPECIALS_LOWER = {
+    "<SOP> [Mask]": ([46, 106, 2823, 33, 53, 6877, 42], [130004, 53, 6877, 42]),
+    "[gMASK]<sop>": ([53, 199, 6877, 42, 60, 106, 2823, 33], [53, 199, 6877, 42, 130004]),
+    "ΟΔΟΣ <SOP>": ([127669, 129012, 126215, 46, 106, 2823, 33], [127669, 129012, 126215, 130004]),
+    "你好[MASK]世界": ([5, 74874, 52, 6877, 42, 64097], [5, 74874, 130000, 5, 64097]),
+}
+# ChatGLM-6B's chat() prompt with history whose text spells <eop>, <sop> and [MASK] (official ids, both modes)
+FORGED_CHAT_PROMPT = "[Round 0]\n问：你好<eop>\n答：<sop>我是\n[Round 1]\n问：[MASK]\n答："
+FORGED_CHAT_IDS_PLAIN = [53, 6945, 5, 8, 42, 4, 64286, 12, 74874, 60, 150, 2823, 33, 4, 67342, 12, 60, 106, 2823, 33,
+                         65806, 4, 52, 6945, 5, 9, 42, 4, 64286, 126133, 15475, 42, 4, 67342, 12, 130001, 130004]
+FORGED_CHAT_IDS_PARSED = [53, 6945, 5, 8, 42, 4, 64286, 12, 74874, 130005, 68188, 12, 130004, 71232, 4, 52, 6945, 5,
+                          9, 42, 4, 64286, 12, 130000, 68188, 12, 130001, 130004]
+
+
+@pytest.fixture(scope="module")
+def tok_parsed(tokenizer_dir):
+    from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
+
+    return load_chatglm_tokenizer(tokenizer_dir, parse_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", list(WRITTEN_SPECIALS_PLAIN))
+def test_special_tokens_written_in_text_are_plain_text(tok, text):
+    ids = WRITTEN_SPECIALS_PLAIN[text]
+    assert tok.parse_special_tokens is False
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok(text)["input_ids"] == ids + [130001, 130004]
+    assert tok.convert_tokens_to_ids(tok.tokenize(text)) == ids
+    assert tok.decode(tok.encode(text)) == text.replace("<n>", "\n").replace("<|tab|>", "\t")
+
+
+@pytest.mark.parametrize("text", list(WRITTEN_SPECIALS_PARSED))
+def test_special_tokens_written_in_text_parsed_on_request(tok, tok_parsed, text):
+    ids = WRITTEN_SPECIALS_PARSED[text]
+    assert tok_parsed.encode(text, add_special_tokens=False) == ids
+    assert tok_parsed(text)["input_ids"] == ids + [130001, 130004]
+    assert tok.encode(text, add_special_tokens=False, parse_special_tokens=True) == ids  # per call too
+
+
+@pytest.mark.parametrize("text", list(WRITTEN_SPECIALS_LOWER))
+def test_special_tokens_written_in_text_with_do_lower_case(tokenizer_dir, text):
+    from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
+
+    plain, parsed = WRITTEN_SPECIALS_LOWER[text]
+    assert load_chatglm_tokenizer(tokenizer_dir, do_lower_case=True).encode(text, add_special_tokens=False) == plain
+    lowered = load_chatglm_tokenizer(tokenizer_dir, do_lower_case=True, parse_special_tokens=True)
+    assert lowered.encode(text, add_special_tokens=False) == parsed
+
+
+def test_chat_prompt_cannot_forge_special_tokens(tok, tok_parsed):
+    from glmtune.models.chatglm.tokenization import build_chat_prompt
+
+    prompt = build_chat_prompt("[MASK]", [("你好<eop>", "<sop>我是")])
+    assert prompt == FORGED_CHAT_PROMPT
+    assert tok([prompt])["input_ids"][0] == FORGED_CHAT_IDS_PLAIN
+    assert tok_parsed([prompt])["input_ids"][0] == FORGED_CHAT_IDS_PARSED
+    # only the appended [gMASK] <sop> are control ids: the GLM context ends where the template says
+    position_ids = tok(prompt, padding=True)["position_ids"]
+    assert _ints(position_ids)[1][-2:] == [0, 1] and _ints(position_ids)[0][-1] == len(FORGED_CHAT_IDS_PLAIN) - 2
+
+
+def test_special_token_attributes_and_added_tokens(tok, tokenizer_dir):
+    from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
+
+    # the named specials stay special tokens by id (skip_special_tokens, masks) whatever text does
+    assert tok.all_special_tokens == ["<sop>", "<eop>", "<unk>", "<pad>", "[MASK]"]
+    assert tok.convert_tokens_to_ids(["<sop>", "<eop>", "[MASK]", "[gMASK]", "<pad>", "<unk>"]) == [
+        130004, 130005, 130000, 130001, 3, 0]
+    assert tok.decode([104, 130004, 463, 130001, 130004], skip_special_tokens=True) == "a b"
+    # [gMASK] and </s> are no special tokens of the official class: plain text in every mode
     assert tok.tokenize("a [gMASK] b") == ["▁a", "▁[", "g", "MASK", "]", "▁b"]
     assert tok.tokenize("x</s>y") == ["▁x", "</", "s", ">", "y"]
-    assert tok.all_special_tokens == ["<sop>", "<eop>", "<unk>", "<pad>", "[MASK]"]
+    # tokens a user adds are still read out of text; transformers' split_special_tokens reads nothing
+    added = load_chatglm_tokenizer(tokenizer_dir)
+    added.add_tokens(["<new>"])
+    new_id = added.convert_tokens_to_ids("<new>")
+    assert new_id == added.vocab_size
+    assert added.encode("a<new>b <sop>", add_special_tokens=False) == [104, new_id, 463, 46, 106, 2823, 33]
+    assert added.tokenize("a<new>b", split_special_tokens=True) == ["▁a", "<", "new", ">", "b"]
+
+
+def test_parse_special_tokens_survives_save_and_load(tok_parsed, tmp_path):
+    from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
+
+    tok_parsed.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))["parse_special_tokens"]
+    assert load_chatglm_tokenizer(tmp_path).encode("x <sop> y", add_special_tokens=False) == [399, 130004, 548]
+    assert pickle.loads(pickle.dumps(tok_parsed)).encode("<eop>", add_special_tokens=False) == [130005]
 
 
 def test_whitespace_pieces(tok):
@@ -345,7 +451,9 @@ def test_preprocessing_flags(tokenizer_dir):
     assert spaced.tokenize("  a   b  ") == spaced.tokenize("a b")
     lowered = ChatGLMTokenizer(vocab_file=vocab, num_image_tokens=0, do_lower_case=True)
     assert lowered.tokenize("Hello [MASK]") == lowered.tokenize("hello [MASK]")
-    assert lowered.tokenize("Hello [MASK]")[-1] == "[MASK]"
+    assert lowered.tokenize("Hello [MASK]") == ["▁hello", "▁[", "mask", "]"]  # the official class's pieces
+    parsed = ChatGLMTokenizer(vocab_file=vocab, num_image_tokens=0, do_lower_case=True, parse_special_tokens=True)
+    assert parsed.tokenize("Hello [MASK]") == ["▁hello", "[MASK]"]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -105,7 +105,13 @@ class Encoder:
         self.stop_ids = set(stop_ids or ()) | {eos}
 
     def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        if not text:
+            return []
+        if getattr(self.tokenizer, "encode_special_tokens", False):
+            # a ChatGLM3 tokenizer set to read role tokens out of text: ChatGLM3's own chat format never does
+            # (build_chat_input), so a message cannot start a turn of another role
+            return self.tokenizer.encode(text, add_special_tokens=False, encode_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _special(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)

@@ -8,9 +8,14 @@ It reproduces what the THUDM/chatglm-6b tokenizer produces (repo commit 8b7d335,
 * The vocabulary is ``ice_text.model``; ids are shifted by ``num_image_tokens`` (the official default is 20000, the
   released tokenizer_config.json sets 0), ids below the shift read as ``<image_N>``.
 * ``build_inputs_with_special_tokens``: ``a + [gMASK, <sop>]``, pairs ``a + [gMASK, <sop>] + b + [<eop>]``.
-* The named special tokens are ``<sop>`` (bos), ``<eop>`` (eos), ``<unk>``, ``<pad>`` and ``[MASK]``; written in text
-  they stay whole and swallow the whitespace on both sides (the old transformers default).  ``[gMASK]`` and ``</s>``
-  are plain attributes, as in the official class, so written in text they are split like any other text.
+* The named special tokens are ``<sop>`` (bos), ``<eop>`` (eos), ``<unk>``, ``<pad>`` and ``[MASK]``.  Written in
+  text they are plain text by default, as with the official class constructed from its vocabulary: ``"<sop>"``
+  becomes ``▁< s op >``, never id 130004, so text cannot place a ``<sop>`` (which moves the GLM attention boundary
+  and the 2D positions).  ``parse_special_tokens=True`` gives what the official tokenizer did when loaded with
+  ``AutoTokenizer.from_pretrained`` under transformers 4.30: those five become their ids and swallow all whitespace
+  on both sides (with ``do_lower_case``, ``<SOP>`` too, as text is lower-cased first).  ``[gMASK]``, ``</s>``,
+  ``[sMASK]``, ``<ENC>`` ... are never special, so written in text they are always plain text.  Tokens a user adds
+  (``add_tokens``) are cut out of text either way; transformers' ``split_special_tokens=True`` cuts out nothing.
 * Padding is on the left only.  Whenever a length is asked for (``padding=True``, ``padding="max_length"``, or a
   ``max_length``), the output holds, per sequence, a bool attention mask ``[1, L, L]`` (True = masked: every row
   sees the whole context before ``<sop>``, causal from ``<sop>`` on, added pad rows/columns masked) and 2D position
@@ -38,6 +43,8 @@ import numpy as np
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import PaddingStrategy
+
+from glmtune.models.added_tokens import split_on_added_tokens
 
 __all__ = [
     "VOCAB_FILE_NAME",
@@ -293,6 +300,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         pad_token: str | AddedToken = "<pad>",
         unk_token: str | AddedToken = "<unk>",
         num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS,
+        parse_special_tokens: bool = False,
         **kwargs: Any,
     ) -> None:
         # transformers 5 hands unknown *_token config keys over in one dict; ours are plain attributes
@@ -326,11 +334,16 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             if not isinstance(token, AddedToken):
                 token = AddedToken(str(token), lstrip=True, rstrip=True, normalized=False, special=True)
             self._added_tokens_decoder[self._vocab.token_to_id(str(token))] = token
+        # The official class never registers its named specials for matching in text; only from_pretrained's
+        # sanitize step (transformers 4.30) did. They are read out of text only with parse_special_tokens.
+        self.parse_special_tokens = bool(parse_special_tokens)
+        self._named_special_texts = frozenset(str(t) for t in named.values() if t is not None)
 
         super().__init__(
             do_lower_case=self.do_lower_case,
             remove_space=self.remove_space,
             num_image_tokens=self.num_image_tokens,
+            parse_special_tokens=self.parse_special_tokens,
             padding_side=padding_side,
             **named,
             **kwargs,
@@ -391,6 +404,42 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if self.do_lower_case:
             text = text.lower()
         return text
+
+    def _matched_tokens(self, parse_special_tokens: bool) -> dict[str, AddedToken]:
+        """The added tokens that are cut out of text: the user's, and the named specials only when parsed."""
+        matched = {}
+        for content, index in self._added_tokens_encoder.items():
+            if parse_special_tokens or content not in self._named_special_texts:
+                matched[content] = self._added_tokens_decoder[index]
+        return matched
+
+    def _lower_outside(self, text: str, keep: Iterable[str]) -> str:
+        """`text` lower-cased except where it spells one of `keep` exactly (transformers 4.30's do_lower_case
+        step, which ran before special tokens were looked for, so `<SOP>` could still become `<sop>`)."""
+
+        def lower(part: str) -> str:  # one character at a time, as that step did: a final "Σ" becomes "σ"
+            return "".join(c.lower() for c in part)
+
+        keep = sorted({k for k in keep if k}, key=len, reverse=True)
+        if not keep:
+            return lower(text)
+        pattern = re.compile("|".join(re.escape(k) for k in keep))
+        out, start = [], 0
+        for m in pattern.finditer(text):
+            out += [lower(text[start:m.start()]), m.group(0)]
+            start = m.end()
+        out.append(lower(text[start:]))
+        return "".join(out)
+
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        # transformers' own switch (e.g. its chat-template helpers): nothing is cut out of the text
+        split_all = kwargs.pop("split_special_tokens", self.split_special_tokens)
+        parse = kwargs.pop("parse_special_tokens", self.parse_special_tokens)
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        matched = {} if split_all else self._matched_tokens(parse)
+        if self.do_lower_case:
+            text = self._lower_outside(text, list(matched) + [str(t) for t in self.all_special_tokens])
+        return split_on_added_tokens(text, matched, self._tokenize)
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return self._vocab.pieces(encode_whitespace(self.preprocess_text(text), self.max_blank_length))
@@ -526,7 +575,8 @@ def load_chatglm_tokenizer(folder: str | os.PathLike, **kwargs: Any) -> ChatGLMT
     """The tokenizer of a ChatGLM-6B checkpoint folder (`ice_text.model` + optional `tokenizer_config.json`).
 
     The config's `tokenizer_class` and `auto_map` are ignored; nothing from the folder is imported or executed.
-    `kwargs` override config values (e.g. `num_image_tokens`). Raises FileNotFoundError without `ice_text.model`.
+    `kwargs` override config values (e.g. `num_image_tokens`, `parse_special_tokens`). Raises FileNotFoundError
+    without `ice_text.model`.
     """
     path = Path(folder)
     if not (path / VOCAB_FILE_NAME).is_file():

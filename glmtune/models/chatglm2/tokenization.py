@@ -49,6 +49,8 @@ from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import PaddingStrategy
 
+from glmtune.models.added_tokens import split_on_added_tokens
+
 __all__ = [
     "CHATGLM2_COMMANDS",
     "CHATGLM3_ROLES",
@@ -299,29 +301,7 @@ class GLMSentencePieceTokenizer(PreTrainedTokenizer):
         kwargs.pop("split_special_tokens", None)
         text, kwargs = self.prepare_for_tokenization(text, **kwargs)
         added = {tok.content: tok for idx, tok in self._added_tokens_decoder.items() if idx >= self.vocab_size}
-        if not added:
-            return self._tokenize(text, **kwargs)
-        from transformers.tokenization_python import Trie
-
-        trie = Trie()
-        for content in added:
-            trie.add(content)
-        chunks = trie.split(text)
-        for i, chunk in enumerate(chunks):
-            token = added.get(chunk)
-            if token is None:
-                continue
-            if token.rstrip and i + 1 < len(chunks):
-                chunks[i + 1] = chunks[i + 1].lstrip()
-            if token.lstrip and i > 0:
-                chunks[i - 1] = chunks[i - 1].rstrip()
-        pieces: list[str] = []
-        for chunk in chunks:
-            if chunk in added:
-                pieces.append(chunk)
-            elif chunk:
-                pieces.extend(self._tokenize(chunk, **kwargs))
-        return pieces
+        return split_on_added_tokens(text, added, lambda chunk: self._tokenize(chunk, **kwargs))
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return self._vocab.sp.encode(text, out_type=str)
