@@ -2,8 +2,9 @@
 
 Type a message and press Enter. `clear` forgets the conversation so far, `exit` (or Ctrl-D) leaves, Ctrl-C
 while an answer streams stops that answer and keeps the session. With `--no-history` every message is
-answered on its own. Answers come from the same engine as `serve` and `webui`, so a conversation the model
-cannot take (longer than its context) is an error message, not the end of the session.
+answered on its own. Answers come from the same engine as `serve` and `webui`. As the conversation grows, an
+answer gets only the room the model's context has left (and says so when that cut it short); a conversation
+whose prompt alone fills the context is an error message, not the end of the session.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, s
             out.write("(conversation cleared)\n")
             continue
         messages = ([Message("system", system)] if system else []) + history + [Message("user", text)]
-        request = ChatRequest(messages, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                              top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty)
+        request = ChatRequest(messages, max_tokens=sampling.max_new_tokens, fit_context=True,
+                              temperature=sampling.temperature, top_p=sampling.top_p,
+                              repetition_penalty=sampling.repetition_penalty)
         pieces: list[str] = []
         note = ""
         try:
@@ -59,7 +61,10 @@ def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, s
                 elif isinstance(event, Failed):
                     note = f"(error: {event.message})"
                 elif isinstance(event, Finished) and event.finish_reason == "length":
-                    note = f"(cut at {event.completion_tokens} tokens; --max-new-tokens allows longer answers)"
+                    note = (f"(cut at {event.completion_tokens} tokens; --max-new-tokens allows longer answers)"
+                            if event.completion_tokens >= sampling.max_new_tokens else
+                            f"(cut at {event.completion_tokens} tokens: the conversation fills the model's "
+                            "context; type clear to start over)")
         except BadRequest as e:
             out.write(f"(error: {e}{'; type clear to start over' if history else ''})\n")
             continue

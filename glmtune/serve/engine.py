@@ -43,6 +43,7 @@ class Busy(GlmtuneError):
 class ChatRequest:
     messages: list[Message]
     max_tokens: int | None = None  # None: the engine's default, cut to what the context has left
+    fit_context: bool = False  # True: max_tokens is cut to what the context has left, too, instead of refused
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -207,7 +208,9 @@ class ChatEngine:
             max_tokens = self.default_max_tokens if room is None else min(self.default_max_tokens, room)
         else:
             max_tokens = request.max_tokens
-            if room is not None and max_tokens > room:
+            if room is not None and request.fit_context:
+                max_tokens = min(max_tokens, room)
+            elif room is not None and max_tokens > room:
                 raise BadRequest(f"this model's context is {limit} tokens: the prompt takes {len(prompt_ids)}, "
                                  f"which leaves {room} for the answer, but max_tokens is {max_tokens}", "max_tokens")
         return Job(request, prompt_ids, max_tokens, deliver)
