@@ -161,3 +161,30 @@ def test_tensorboard_logging_writes_the_losses(tiny_model_dir, small_data, tmp_p
     accumulator.Reload()
     assert len(accumulator.Scalars("train/loss")) == 3
     assert accumulator.Scalars("eval/loss")
+
+
+def test_resolved_config_records_the_values_the_run_used(tiny_model_dir, small_data, tmp_path, train_tiny):
+    """Defaults worked out from other options (the method's learning rate, auto dtype/precision/template, the
+    prefix MLP's width) are written as the values used, and the file trains the same run again."""
+    import yaml
+
+    from glmtune.config import TrainConfig, read_config_file
+
+    run = train_tiny(tiny_model_dir, (small_data[0], None), tmp_path / "out", max_steps=1, method="ptuning",
+                     pre_seq_len=4, prefix_projection=True)
+    resolved = yaml.safe_load((run.output_dir / "resolved_config.yaml").read_text())
+    assert resolved["learning_rate"] == 2e-2  # P-Tuning's default; the run was not given one
+    assert (resolved["dtype"], resolved["precision"], resolved["template"]) == ("float32", "fp32", "chat")
+    assert resolved["prefix_hidden_size"] == 64  # the tiny model's hidden size
+    assert resolved["quantization_bit"] == 0 and resolved["output_dir"] == str(run.output_dir)
+    assert None not in (resolved["learning_rate"], resolved["prefix_hidden_size"])
+    assert TrainConfig(**read_config_file(run.output_dir / "resolved_config.yaml"))  # a valid config again
+
+
+def test_resolved_config_names_the_lora_modules_auto_chose(tiny_model_dir, small_data, tmp_path, train_tiny):
+    import yaml
+
+    run = train_tiny(tiny_model_dir, (small_data[0], None), tmp_path / "out", max_steps=1)
+    resolved = yaml.safe_load((run.output_dir / "resolved_config.yaml").read_text())
+    assert resolved["learning_rate"] == 2e-4
+    assert set(resolved["lora_target"].split(",")) == {"q_proj", "v_proj"}  # peft's choice for a Llama model

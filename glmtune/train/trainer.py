@@ -213,7 +213,6 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     check_report_to(cfg.report_to)
 
     quantization = requested_quantization(cfg)
-    cfg = replace(cfg, quantization_bit=quantization.bits)  # resolved_config.yaml records the bits used
     set_seed(cfg.seed)  # before the method initialises its weights, so a seed fixes the whole run
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, quantization=quantization)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
@@ -244,6 +243,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     parameters = method.parameters(cfg, loaded.family)
     model = method.apply(loaded.model, cfg, loaded.family)
     model.config.use_cache = False
+    cfg = resolved_config(cfg, args, out, loaded, template.name, model)
     barrier()  # every process has checked output_dir before the main process changes it
     if is_main_process():  # the other processes (torchrun, --nproc) write nothing of glmtune's own
         create_output_dir(out, earlier)  # only now: a run that fails to load writes nothing
@@ -380,6 +380,31 @@ def _adapter_marked(model):
     finally:
         if marked:
             model._hf_peft_config_loaded = False
+
+
+def resolved_config(cfg: TrainConfig, args, out: Path, loaded: LoadedModel, template: str, model) -> TrainConfig:
+    """`cfg` with every value the run worked out for itself (a method's default learning rate, auto dtype,
+    precision, template and quantization backend, the default output folder, LoRA's target modules, the
+    prefix MLP's width) replaced by what it used, for resolved_config.yaml."""
+    from glmtune.models.prefix import PrefixEncoder
+
+    used: dict[str, Any] = {
+        "learning_rate": args.learning_rate, "output_dir": str(out), "template": template,
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "quantization_bit": loaded.quantization.bits,
+    }
+    if loaded.quantization.bits:
+        used["quantization_backend"] = loaded.quantization.backend
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is not None and cfg.lora_target in ("auto", "all-linear"):
+        targets = peft_config.target_modules
+        used["lora_target"] = targets if isinstance(targets, str) else ",".join(sorted(targets))
+    if cfg.method == "ptuning" and cfg.prefix_projection and cfg.prefix_hidden_size is None:
+        encoder = next((m for m in model.modules() if isinstance(m, PrefixEncoder)), None)
+        if encoder is not None:
+            used["prefix_hidden_size"] = encoder.trans[0].out_features
+    return replace(cfg, **used)
 
 
 def requested_quantization(cfg: TrainConfig) -> Quantization:
