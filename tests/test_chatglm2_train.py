@@ -55,10 +55,12 @@ def test_tiny_model_trains_saves_reloads_and_generates_identically(tiny_dirs, sm
     reloaded, _ = load_tuned_model(None, run.adapter_dir)
     prompts = [s.prompt_messages for s in load_samples(small_data[1])[0][:3]] + [[Message("user", "你好")]]
     sampling = Sampling(max_new_tokens=6)
-    first = Generator(in_memory, "auto").generate(prompts, sampling)
-    second = Generator(reloaded, "auto").generate(prompts, sampling)
+    # token ids, not text that may decode to nothing on a tiny random model
+    first = Generator(in_memory, "auto").generate_ids(prompts, sampling)
+    second = Generator(reloaded, "auto").generate_ids(prompts, sampling)
+    assert all(second) and sum(map(len, second)) > len(second)  # answers were generated, not only stop tokens
     assert first == second
-    assert [Generator(reloaded, "auto").generate([p], sampling)[0] for p in prompts] == second
+    assert [Generator(reloaded, "auto").generate_ids([p], sampling)[0] for p in prompts] == second
 
 
 @pytest.mark.parametrize("family", FAMILIES)

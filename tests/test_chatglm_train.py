@@ -72,10 +72,12 @@ def test_tiny_chatglm_trains_saves_reloads_and_generates_identically(runs, name,
     reloaded, _ = load_tuned_model(None, run.adapter_dir)
     prompts = _prompts(small_data)
     sampling = Sampling(max_new_tokens=6)
-    first = Generator(in_memory, "auto").generate(prompts, sampling)
-    second = Generator(reloaded, "auto").generate(prompts, sampling)
+    # token ids: the tiny random model's answers often decode to nothing (image and special tokens)
+    first = Generator(in_memory, "auto").generate_ids(prompts, sampling)
+    second = Generator(reloaded, "auto").generate_ids(prompts, sampling)
+    assert all(second) and sum(map(len, second)) > len(second)  # answers were generated, not only stop tokens
     assert first == second
-    alone = [Generator(reloaded, "auto").generate([p], sampling)[0] for p in prompts]
+    alone = [Generator(reloaded, "auto").generate_ids([p], sampling)[0] for p in prompts]
     assert alone == second
 
 

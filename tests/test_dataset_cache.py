@@ -1,7 +1,9 @@
+import contextlib
 import copy
 import logging
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -162,16 +164,30 @@ def test_disabled_cache_neither_reads_nor_writes(datasets, inputs):
     assert entries(datasets) == [entry] and entry.stat().st_mtime_ns == written
 
 
-def test_a_read_only_cache_folder_only_warns(datasets, inputs, caplog):
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("root ignores folder permissions")
-    datasets.mkdir(parents=True)
-    datasets.chmod(0o500)
+@contextlib.contextmanager
+def _unwritable(folder):
+    """`folder` cannot be written into for the length of the block. Root ignores permission bits, so as root
+    the folder is made immutable instead (chattr +i, which binds root too)."""
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if as_root:
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+    else:
+        folder.chmod(0o500)
     try:
-        with caplog.at_level(logging.WARNING, logger="glmtune.data.cache"):
-            features, report, hit = cached(inputs)
+        with pytest.raises(OSError):
+            (folder / "probe").write_text("x")  # the folder really refuses a write, whoever runs the test
+        yield
     finally:
-        datasets.chmod(0o700)
+        if as_root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o700)
+
+
+def test_a_read_only_cache_folder_only_warns(datasets, inputs, caplog):
+    datasets.mkdir(parents=True)
+    with _unwritable(datasets), caplog.at_level(logging.WARNING, logger="glmtune.data.cache"):
+        features, report, hit = cached(inputs)
     assert not hit and (features, report) == plain(inputs)
     assert "could not write the tokenized data cache" in caplog.text
     assert list(datasets.iterdir()) == []

@@ -112,9 +112,11 @@ def test_kills_at_any_moment_then_resume_give_the_uninterrupted_adapter(tiny_mod
         deadline = time.monotonic() + 300
         while not (out / wait_for).is_dir() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert process.poll() is None, f"the run ended before it could be killed (exit {process.returncode})"
         process.send_signal(signal.SIGKILL)  # wherever it is now: training, logging or the next save
         process.wait()
-        assert (out / wait_for).is_dir()
+        assert process.returncode == -signal.SIGKILL  # the kill, not the end of the run, stopped it
+        assert (out / wait_for).is_dir() and not (out / "adapter").exists() and not (out / "metrics.json").exists()
     for checkpoint in out.glob("checkpoint-*"):
         assert (checkpoint / "trainer_state.json").is_file()  # every visible checkpoint is whole
     run(args + ["--resume"])

@@ -123,10 +123,17 @@ def test_every_family_streams_what_batch_generation_answers(tiny_family_dir, fam
     engine = ChatEngine(generator)
     try:
         questions = ["你好", "Tell me a story about a cat and a dog."]
-        expected = generator.generate([[Message("user", q)] for q in questions], Sampling(max_new_tokens=6))
-        for question, answer in zip(questions, expected):
+        conversations = [[Message("user", q)] for q in questions]
+        expected = generator.generate(conversations, Sampling(max_new_tokens=6))
+        expected_ids = generator.generate_ids(conversations, Sampling(max_new_tokens=6))
+        stops = generator.encoder.stop_ids
+        for question, answer, ids in zip(questions, expected, expected_ids):
             events = list(engine.stream(ChatRequest([Message("user", question)], max_tokens=6)))
             assert "".join(e for e in events if isinstance(e, str)) == answer
-            assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 6
+            # the same tokens, not just the same (possibly empty) text: as many, the stop token not counted
+            finished = events[-1]
+            assert isinstance(finished, Finished)
+            assert finished.completion_tokens == len(ids) - (ids[-1] in stops) > 0
+            assert finished.finish_reason == ("stop" if ids[-1] in stops else "length")
     finally:
         engine.close()
