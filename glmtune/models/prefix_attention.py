@@ -17,9 +17,8 @@ This is exactly a forward given the prefix as an explicit past (tests/test_prefi
 
 The prefix starts as the keys and values the model itself computes for `pre_seq_len` random vocabulary
 tokens, as if the text followed a short real context (prefix-tuning's "real activations" start). A prefix
-drawn from N(0, 1), as ChatGLM's official code does, overwhelms a model it was not made for: on
-SmolLM2-135M it put the sample dev loss at 10.27 before the first step, against 1.249 with real activations
-(docs/benchmarks.md).
+drawn from N(0, 1), as ChatGLM's official code does, gives keys and values unlike any the model computes; from
+real activations the untrained prefix leaves the model's loss where it was (docs/benchmarks.md).
 """
 
 from __future__ import annotations
