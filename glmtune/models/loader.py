@@ -16,7 +16,7 @@ from typing import Any
 
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError, one_line
-from glmtune.models.kbit import Quantization
+from glmtune.models.kbit import Quantization, import_bitsandbytes, is_bitsandbytes_model, keep_standard_layout
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,6 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
     quantization = Quantization.of(quantization).for_family(family)
     extra: dict[str, Any] = {}
     if _stored_with_bitsandbytes(path):  # transformers quantizes it while loading, with bitsandbytes
-        from glmtune.models.kbit import import_bitsandbytes
-
         import_bitsandbytes()
     if quantization.backend == "bitsandbytes":
         from glmtune.models.kbit import bitsandbytes_config, check_bitsandbytes
@@ -205,11 +203,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
             names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise GlmtuneError(f"{path} is incomplete: no weight file holds {len(missing)} of the weights its "
                                f"config.json needs ({names}); a shard is missing or was cut short")
-    from glmtune.models.kbit import is_bitsandbytes_model
-
     if is_bitsandbytes_model(model):
-        from glmtune.models.kbit import keep_standard_layout
-
         keep_standard_layout(model)  # the same weights and arithmetic on every CPU (see glmtune.models.kbit)
     if device and not extra:
         model.to(device)
