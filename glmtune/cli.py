@@ -6,6 +6,7 @@ Errors a user can fix (GlmtuneError) are printed as one line without a traceback
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -68,7 +69,8 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int
                         help="nucleus sampling mass when sampling (default: 1.0)")
     parser.add_argument("--repetition-penalty", type=_number(float, 0, above=True), default=1.0,
                         help="above 1 discourages repeats (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--seed", type=_number(int, 0, maximum=2 ** 32 - 1), default=None,
+                        help="random seed for sampling (0 to 4294967295, as numpy takes)")
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--task", default="auto", choices=("auto", "generation", "extraction", "classification"),
                          help="auto (default) detects each row's task from its target's shape")
     metrics.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
+    metrics.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
     chat = commands.add_parser("chat", allow_abbrev=False, help="chat in the terminal",
                                description="Interactive chat that streams the answer. 'clear' forgets the "
@@ -171,9 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "one at a time in arrival order; the rest wait in a queue. Ctrl-C stops it.")
     _add_model_arguments(serve)
     _add_server_arguments(serve, 8000)
-    serve.add_argument("--api-key", default=os.environ.get("GLMTUNE_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on every /v1 request (default: $GLMTUNE_API_KEY, "
-                            "else no key)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every request but /health; printable ASCII, as "
+                            "HTTP headers carry it (default: $GLMTUNE_API_KEY, else no key)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host header is NAME, e.g. the name a proxy or other "
+                            "machines use; repeatable; '*' answers any (default: only the --host address, plus "
+                            "localhost names on loopback and any IP address on 0.0.0.0)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let web pages at ORIGIN (e.g. http://localhost:3000) call the API: CORS headers for "
+                            "it; repeatable; '*' allows any page (default: none)")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=4 * 1024 * 1024, metavar="N",
+                       help="largest request body; larger ones are answered 413 before they are read "
+                            "(default: 4194304, 4 MiB)")
+    serve.add_argument("--read-timeout", type=_number(float, 0, above=True), default=30.0, metavar="SECONDS",
+                       help="time a client has to send a request's headers, and again its body; slower requests "
+                            "are dropped (headers) or answered 408 (default: 30)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model id clients see (default: the run's or the model's folder name)")
     serve.add_argument("--max-new-tokens", type=_positive_int, default=512,
@@ -240,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--in-process", action="store_true",
                        help="run the recipes in this process instead of one fresh process each")
     bench.add_argument("--json", dest="json_file", default=None, metavar="FILE", help="also write the results as JSON to this file")
+    bench.add_argument("--overwrite", dest="overwrite_json", action="store_true",
+                       help="replace the --json file if it exists")
     add_arguments(bench, TrainConfig, skip=("train_file", "dev_file", "output_dir", "overwrite", "resume", "max_steps",
                                             "num_train_epochs", "eval_steps", "eval_each_epoch", "eval_on_start",
                                             "metric_for_best", "early_stopping_patience", "eval_max_new_tokens",
@@ -299,7 +317,7 @@ def _cmd_train(args, unknown, argv: list[str]) -> int:
         if config.deepspeed:
             check_deepspeed(config.deepspeed)
         if config.output_dir:
-            check_output_dir(Path(config.output_dir), overwrite=config.overwrite, resume=config.resume)
+            check_output_dir(Path(config.output_dir), overwrite=config.overwrite, resume=config.resume, cfg=config)
         check_report_to(config.report_to)
         return launch(args.nproc, strip_nproc(argv))
     if not is_main_process():  # under torchrun: the main process reports, the others only warn
@@ -318,10 +336,16 @@ def _cmd_bench(args, unknown) -> int:
     flags = [w for w in unknown if w.startswith("-")]
     words = [w for w in unknown if not w.startswith("-")]
     config = config_from_args(TrainConfig, args, words, flags)
+    if args.json_file:  # before minutes of benchmarking, not after
+        from glmtune.files import check_output_file
+
+        check_output_file(args.json_file, overwrite=args.overwrite_json, inputs=[config.train_file], option="--json")
     recipes = RECIPES if args.recipe == "both" else (args.recipe,)
     summary = run_bench(BenchSettings(config, args.steps, args.warmup_steps, recipes), in_process=args.in_process)
     if args.json_file:
-        Path(args.json_file).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        from glmtune.files import write_text
+
+        write_text(args.json_file, json.dumps(summary, indent=2) + "\n")
     print(format_table(summary))
     print(json.dumps(summary))
     return 0
@@ -352,12 +376,12 @@ def _sampling(args):
 def _cmd_predict(args) -> int:
     from glmtune.data.formats import load_samples
     from glmtune.evaluate.generate import write_predictions
+    from glmtune.files import check_output_file
 
-    # Read and validate the input (and refuse to overwrite) before spending time on loading the model.
+    # Check the output and read and validate the input before spending time on loading the model.
+    check_output_file(args.output, overwrite=args.overwrite, inputs=[args.input])
     samples, _ = load_samples(args.input, prompt_column=args.prompt_column, response_column=args.response_column,
                               require_answer=False)
-    if os.path.exists(args.output) and not args.overwrite:
-        raise GlmtuneError(f"{args.output} already exists; pass --overwrite to replace it")
     answers = write_predictions(_generator(args), samples, args.output, batch_size=args.batch_size,
                                 sampling=_sampling(args))
     print(f"wrote {len(answers)} predictions to {args.output}")
@@ -399,13 +423,14 @@ def _cmd_compare(args) -> int:
 def _cmd_metrics(args) -> int:
     from glmtune.evaluate.metrics import metrics_table
     from glmtune.evaluate.runs import score_file
+    from glmtune.files import check_output_file, write_text
 
-    if args.output and (Path(args.output).is_dir() or not Path(args.output).absolute().parent.is_dir()):
-        raise GlmtuneError(f"--output {args.output} must be a file in an existing folder")
+    if args.output:
+        check_output_file(args.output, overwrite=args.overwrite, inputs=[args.predictions])
     metrics = score_file(args.predictions, task=args.task)
     print(metrics_table(metrics))
     if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text(args.output, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -433,12 +458,39 @@ def _served_name(args) -> str:
     return PurePath(args.model).name if args.model else DEFAULT_MODEL
 
 
+def _serve_key(args) -> str | None:
+    """--api-key, else $GLMTUNE_API_KEY (empty: none), after checking it and --allow-origin. A key must be
+    printable ASCII without surrounding spaces: HTTP carries headers as bytes (read as Latin-1) and trims
+    them, so any other key could never match."""
+    import re
+
+    if args.api_key is None:
+        key, source = os.environ.get("GLMTUNE_API_KEY") or None, "$GLMTUNE_API_KEY"
+    else:
+        key, source = args.api_key, "--api-key"
+        if not key:
+            raise GlmtuneError("--api-key is empty; give a key, or leave the option out for a server without one")
+    if key is not None:
+        bad = next((c for c in key if not " " <= c <= "~"), None)
+        if bad is not None:
+            raise GlmtuneError(f"{source} holds {bad!r}; a key must be printable ASCII (letters, digits, punctuation), "
+                               "as HTTP headers carry it")
+        if key != key.strip():
+            raise GlmtuneError(f"{source} starts or ends with a space, which HTTP drops; remove it")
+    for origin in args.allow_origin:
+        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+            raise GlmtuneError(f"--allow-origin {origin!r} is not an origin: write scheme://host[:port] as a browser "
+                               "sends it, e.g. http://localhost:3000 (no path, no trailing slash), or '*'")
+    return key
+
+
 def _cmd_serve(args) -> int:
     from glmtune.serve.engine import ChatEngine
-    from glmtune.serve.network import is_loopback, listen, url
+    from glmtune.serve.network import allowed_hosts, is_loopback, listen, url
     from glmtune.serve.openai_api import serve
 
-    if not args.api_key and not is_loopback(args.host):
+    api_key = _serve_key(args)  # before anything is bound or loaded
+    if not api_key and not is_loopback(args.host):
         log.warning("listening on %s without --api-key: anyone who can reach this machine can use the model",
                     args.host)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
@@ -447,7 +499,9 @@ def _cmd_serve(args) -> int:
     engine = ChatEngine(generator, default_max_tokens=args.max_new_tokens, max_queue=args.max_queue)
     print(f"glmtune: serving {name} at {url(args.host, sock.getsockname()[1])}/v1 (OpenAI-compatible; Ctrl-C stops)",
           flush=True)
-    serve(engine, name, sock=sock, api_key=args.api_key, log_level="debug" if args.verbose else "warning")
+    serve(engine, name, sock=sock, api_key=api_key, hosts=allowed_hosts(args.host, args.allowed_host),
+          allow_origins=tuple(args.allow_origin), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
+          log_level="debug" if args.verbose else "warning")
     return 0
 
 
@@ -567,9 +621,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _cmd_bench(args, unknown)
         return _cmd_data(args)
-    except GlmtuneError as e:
+    except (GlmtuneError, OSError) as e:
+        if isinstance(e, OSError):
+            if e.errno != errno.ENAMETOOLONG:  # any other OSError is a bug: keep its traceback
+                raise
+            from glmtune.files import path_error
+
+            # Only a name the user gave (or one made from it) can be too long: say which, on one line.
+            e = (path_error(e.filename, e) if e.filename
+                 else GlmtuneError("a file name is too long for the file system"))
         rank = os.environ.get("RANK", "0")  # under torchrun every process checks, and may say so
-        print(f"glmtune: error: {'' if rank in ('', '0') else f'(rank {rank}) '}{e}", file=sys.stderr)
+        prefix = f"glmtune: error: {'' if rank in ('', '0') else f'(rank {rank}) '}"
+        # Every line of a message that lists several problems starts with the prefix, the last one too.
+        print("\n".join(prefix + line for line in str(e).splitlines() or [""]), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nglmtune: interrupted", file=sys.stderr)

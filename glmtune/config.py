@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from glmtune.errors import GlmtuneError, one_line, shown
+from glmtune.files import MAX_NESTING, NestingError, loads, read_text
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3", "glm4")
@@ -81,6 +82,12 @@ class DataOptions:
                            "the loss is unchanged. batch_size then counts packed sequences.")
     dataset_cache: bool = option(True, "Keep tokenized data in glmtune's cache (keyed by file content, tokenizer, "
                                  "template and limits) so the next run skips tokenizing.")
+    split_special_tokens: bool = option(False, "Tokenize training messages as plain text: a control token spelled "
+                                        "in a message (a chat template's role markers, GLM's [gMASK] or <sop>) "
+                                        "stays those characters, as in the prompts that serve, chat, webui, predict "
+                                        "and eval build. Off, it becomes the control token, as Hugging Face chat "
+                                        "templates and the official scripts tokenize it. Text that spells none is "
+                                        "tokenized the same either way (docs/serving.md).")
 
 
 @dataclass
@@ -208,6 +215,8 @@ def _coerce(key: str, raw: Any, f: dataclasses.Field, source: str) -> Any:
         return value
     if isinstance(raw, (dict, list)):
         raise GlmtuneError(f"{source}: {key} must be a single value, got {type(raw).__name__}")
+    if isinstance(raw, bool):  # a JSON true/false (YAML's are kept as written): never a folder named False
+        raise GlmtuneError(f"{source}: {key} must be text, got {str(raw).lower()}; write it in quotes")
     return str(raw)
 
 
@@ -232,20 +241,70 @@ def unknown_key_error(key: str, valid: list[str], source: str) -> GlmtuneError:
     return GlmtuneError(f"{source}: unknown option {shown(key)}{hint}")
 
 
+class ConfigValues(dict):
+    """The option values of a config file, plus `texts`: each plain (unquoted) YAML scalar as it was written,
+    so that an option that takes text keeps `off`, `no`, `1.10` or `017` instead of what YAML made of it
+    (False, 1.1, 15)."""
+
+    def __init__(self, values: dict, texts: dict[str, str] | None = None):
+        super().__init__(values)
+        self.texts = texts or {}
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for config files. An alias (*name) of a list or mapping is refused: a flat config never needs
+    one, and a few hundred bytes of nested aliases stand for gigabytes wherever the value is walked or
+    drawn (the "billion laughs"). Nesting is bounded, because the composer recurses."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if isinstance(self.anchors.get(event.anchor), yaml.CollectionNode):
+                raise yaml.composer.ComposerError(
+                    None, None, f"the alias *{event.anchor[:40]} repeats a list or mapping; aliases of lists and "
+                    "mappings are not supported in config files (option values are single values)", event.start_mark)
+            return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str) -> ConfigValues | Any:
+    """The YAML document's value; a mapping comes with the text of its plain scalar values."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    if isinstance(data, dict) and isinstance(node, yaml.MappingNode):
+        texts = {str(k.value): v.value for k, v in node.value
+                 if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) and v.style is None}
+        return ConfigValues(data, texts)
+    return data
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat mapping of option names to values from a YAML or JSON file."""
+    """A flat mapping of option names to values from a YAML or JSON file (a ConfigValues for YAML)."""
     p = Path(path)
-    if not p.is_file():
-        raise GlmtuneError(f"config file {'is not a file' if p.exists() else 'not found'}: {p}")
+    text = read_text(p, "config file")
     try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = p.read_bytes().count(b"\n", 0, e.start) + 1
-        raise GlmtuneError(f"{p}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = loads(text) if p.suffix == ".json" else _load_yaml(text)
     except json.JSONDecodeError as e:
         raise GlmtuneError(f"{p}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except NestingError as e:
+        raise GlmtuneError(f"{p}: not valid as a config: {e}") from None
+    except RecursionError:  # the bound above should come first; never a traceback either way
+        raise GlmtuneError(f"{p}: not valid as a config: nested too deeply") from None
     except yaml.YAMLError as e:  # its own message spans lines, with the offending line drawn under it
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -264,10 +323,14 @@ def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]):
     by_name = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for source, raw in layers:
+        texts = getattr(raw, "texts", {})  # a YAML file's plain values as written (ConfigValues)
         for key, value in raw.items():
             name = str(key).replace("-", "_")
             if name not in by_name:
                 raise unknown_key_error(str(key), list(by_name), source)
+            if (_base_type(by_name[name].type) is str and value is not None and not isinstance(value, str)
+                    and str(key) in texts):
+                value = texts[str(key)]  # `output_dir: off` is the folder "off", not "False"
             values[name] = (_coerce(name, value, by_name[name], source), source)
     for name, (value, source) in values.items():
         _check_range(name, value, by_name[name], source)

@@ -17,6 +17,7 @@ from pathlib import Path
 from glmtune.config import DEFAULT_MODEL, TrainConfig
 from glmtune.data.formats import load_samples
 from glmtune.errors import GlmtuneError
+from glmtune.files import check_output_folder
 from glmtune.evaluate.generate import Generator, Sampling, write_predictions
 from glmtune.evaluate.metrics import compute_metrics, detect_task
 from glmtune.evaluate.report import comparison_table, format_examples, write_report
@@ -64,7 +65,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
              dev_samples: int | None = None, overwrite: bool = False) -> dict:
     started = time.perf_counter()
     out = Path(output_dir) if output_dir else default_output_dir("demo")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if check_output_folder(out, option="--output-dir") and any(out.iterdir()) and not overwrite:
         raise GlmtuneError(f"{out} is not empty; pass --overwrite to replace it or choose another --output-dir")
     train_file, dev_file = sample_data_dir() / "train.jsonl", sample_data_dir() / "dev.jsonl"
     dev = load_samples(dev_file)[0][: dev_samples or DEV_SAMPLES]

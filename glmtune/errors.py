@@ -17,6 +17,17 @@ def one_line(text: object, limit: int = 300) -> str:
 
 
 def shown(value: object, limit: int = 60) -> str:
-    """repr() of a value from the user's data, shortened: a 10 MB string must not become a 10 MB message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"
+    """repr() of a value from the user's data, shortened: a 10 MB string must not become a 10 MB message,
+    and a list or mapping is drawn only to a few items and levels, never whole (a YAML alias bomb is
+    gigabytes when drawn whole)."""
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"
+    import reprlib
+
+    drawer = reprlib.Repr()
+    drawer.maxlevel, drawer.maxstring, drawer.maxother = 3, max(limit // 2, 10), max(limit // 2, 10)
+    for attribute in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque", "maxarray"):
+        setattr(drawer, attribute, max(4, limit // 10))
+    text = drawer.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -91,7 +91,6 @@ def two_processes(tmp_path_factory, tiny_model_dir, small_data) -> tuple[Path, s
 
 
 def test_two_processes_train_like_one_with_the_global_batch(one_process, two_processes):
-    import torch
     from safetensors.torch import load_file
 
     two, _ = two_processes

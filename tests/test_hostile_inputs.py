@@ -10,7 +10,11 @@
 
 Cases fail before any model loads wherever they can; those that need a model use the tiny random ones of
 conftest.py (copied into tmp_path before being damaged). 48 cases: data 13, config 14, models, adapters and
-export 15, metrics and demo 3, serve and chat options 3.
+export 15, metrics and demo 3, serve and chat options 3; and 24 of issue 17 (a careless user on purpose):
+nesting 3, names too long 5, outputs that are a device, a folder or under a file 5, an unusable cache 2, a
+damaged checkpoint 1, outputs that would destroy an input or an earlier result 5, a YAML alias bomb, a JSON
+false for a path and a multi-problem message 3. Their cheaper variants are tested in-process in
+tests/test_files.py and tests/test_run_folder.py.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-pytestmark = pytest.mark.slow  # about 50 subprocesses, most of them a few seconds each: 2-3 minutes
+pytestmark = pytest.mark.slow  # about 70 subprocesses, most of them a few seconds each: 3-4 minutes
 
 GOOD_ROW = {"context": "What is 2 + 2?", "target": "4"}
 TEN_MB = 10 * 1024 * 1024
@@ -94,6 +98,23 @@ class Assets:
 
         return self._once(f"adapter-{method}", build)
 
+    def run(self) -> Path:
+        """What a training run folder holds, as far as these cases look (no training: they fail before that):
+        resolved_config.yaml, train_log.jsonl, checkpoint-1 and checkpoint-2 with their trainer state."""
+
+        def build(folder: Path) -> None:
+            from glmtune.config import TrainConfig, to_yaml
+
+            folder.mkdir()
+            (folder / "resolved_config.yaml").write_text(to_yaml(TrainConfig(model=str(self.tiny))))
+            (folder / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n')
+            (folder / "metrics.json").write_text('{"global_step": 2}\n')
+            for step in (1, 2):
+                (folder / f"checkpoint-{step}").mkdir()
+                (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+        return self._once("run", build)
+
 
 @dataclass
 class Case:
@@ -101,6 +122,7 @@ class Case:
 
     tmp: Path
     assets: Assets
+    env: dict[str, str] = field(default_factory=dict)  # set for the command, over the test's environment
 
     def write(self, name: str, content: str | bytes) -> Path:
         path = self.tmp / name
@@ -412,6 +434,148 @@ def _serve_bad_host(c: Case):
 def _chat_negative_temperature(c: Case):
     return ["chat", "--model", c.assets.tiny, "--temperature", "-1"], ["--temperature", "at least 0"]
 
+# Issue 17. Tracebacks: nesting that makes Python's parsers recurse, names the file system refuses, outputs
+# that are devices, folders or under files, a cache that cannot be written, checkpoints that cannot resume.
+
+DEEP = 50_000  # levels: Python's own parsers give up near 1,000
+
+
+def _deep_jsonl(c: Case):
+    data = c.rows("deep.jsonl", GOOD_ROW, "[" * DEEP + "]" * DEEP, GOOD_ROW)
+    return ["data", "validate", data], ["deep.jsonl:2", "nested more than 100 levels"]
+
+
+def _deep_yaml_config(c: Case):
+    config = c.write("run.yaml", f"train_file: {c.good_data()}\nlearning_rate: " + "[" * DEEP + "]" * DEEP + "\n")
+    return ["train", config, "--output-dir", "run"], ["run.yaml:2", "nested more than 100 levels"]
+
+
+def _deep_predictions(c: Case):
+    predictions = c.rows("predictions.jsonl", {"target": "a", "prediction": "a"},
+                         '{"target": "a", "prediction": ' + "[" * DEEP + "]" * DEEP + "}")
+    return ["metrics", "--predictions", predictions], ["predictions.jsonl:2", "nested more than 100 levels"]
+
+
+LONG = "n" * 300  # over every common file system's 255-byte limit on one name
+
+
+def _long_data_name(c: Case):
+    return ["data", "validate", f"{LONG}.jsonl"], ["name is too long", "characters"]
+
+
+def _long_predict_output(c: Case):
+    return (["predict", "--model", c.assets.tiny, "--input", c.good_data(), "--output", f"out/{LONG}.jsonl"],
+            ["name", "too long"])
+
+
+def _long_export_output(c: Case):
+    return ["export", "--adapter", c.assets.adapter("lora"), "--output", LONG], ["name is too long"]
+
+
+def _long_config_name(c: Case):
+    return ["train", f"{LONG}.yaml"], ["name is too long"]
+
+
+def _long_model_name(c: Case):
+    return ["predict", "--model", LONG, "--input", c.good_data(), "--output", "out.jsonl"], ["name is too long"]
+
+
+def _predict_to_dev_full(c: Case):
+    return (["predict", "--model", c.assets.tiny, "--input", c.good_data(), "--output", "/dev/full",
+             "--max-new-tokens", "2"], ["cannot write /dev/full", "No space left"])
+
+
+def _predict_output_is_a_folder(c: Case):
+    (c.tmp / "answers").mkdir()
+    return ["predict", "--input", c.good_data(), "--output", "answers"], ["answers", "is a folder"]
+
+
+def _predict_output_under_a_file(c: Case):
+    c.write("notes.txt", "mine")
+    return ["predict", "--input", c.good_data(), "--output", "notes.txt/out.jsonl"], ["notes.txt", "not a folder"]
+
+
+def _split_output_dir_is_a_file(c: Case):
+    c.write("notes.txt", "mine")
+    return ["data", "split", c.good_data(), "--output-dir", "notes.txt"], ["notes.txt", "not a folder"]
+
+
+def _eval_output_under_a_file(c: Case):
+    c.write("notes.txt", "mine")
+    return ["eval", "--data", c.good_data(), "--output", "notes.txt/eval"], ["notes.txt", "not a folder"]
+
+
+def _cache_is_a_file(c: Case):
+    c.env["GLMTUNE_CACHE"] = str(c.write("cache-file", "mine"))  # the default model is converted into the cache
+    return ["predict", "--input", c.good_data(), "--output", "out.jsonl"], ["cache", "GLMTUNE_CACHE", "not a folder"]
+
+
+def _cache_unwritable(c: Case):
+    c.env["GLMTUNE_CACHE"] = "/proc/glmtune-cache"  # /proc takes no new folders, not even from root
+    return ["eval", "--data", c.good_data(), "--output", "eval-out"], ["cache", "GLMTUNE_CACHE"]
+
+
+def _resume_garbage_trainer_state(c: Case):
+    run = c.copy(c.assets.run(), "run")
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{garbage", encoding="utf-8")
+    return (["train", "--train-file", c.good_data(), "--output-dir", "run", "--resume"],
+            ["checkpoint-2/trainer_state.json", "not valid JSON", "resume from checkpoint-1"])
+
+
+# Overwritten without --overwrite (the snapshot proves nothing changed)
+
+
+def _metrics_output_is_its_predictions(c: Case):
+    predictions = c.rows("predictions.jsonl", {"target": "a", "prediction": "a"})
+    return (["metrics", "--predictions", predictions, "--output", "predictions.jsonl", "--overwrite"],
+            ["predictions.jsonl", "is the input file"])
+
+
+def _metrics_output_is_a_link_to_another_file(c: Case):
+    predictions = c.rows("predictions.jsonl", {"target": "a", "prediction": "a"})
+    c.write("keep.json", "mine")
+    (c.tmp / "metrics.json").symlink_to("keep.json")
+    return ["metrics", "--predictions", predictions, "--output", "metrics.json"], ["metrics.json", "--overwrite"]
+
+
+def _eval_into_a_training_run(c: Case):
+    c.copy(c.assets.run(), "run")
+    return ["eval", "--data", c.good_data(), "--output", "run", "--overwrite"], ["run", "holds a training run"]
+
+
+def _compare_into_a_training_run(c: Case):
+    c.copy(c.assets.run(), "run")
+    return (["compare", "--adapter", c.assets.adapter("lora"), "--data", c.good_data(), "--output", "run"],
+            ["run", "holds a training run"])
+
+
+def _split_overwrite_dev_is_a_folder(c: Case):
+    data = c.good_data()
+    c.write("split-out/data.train.jsonl", "an earlier split, kept whole")
+    (c.tmp / "split-out" / "data.dev.jsonl").mkdir()
+    return (["data", "split", data, "--output-dir", "split-out", "--overwrite"],
+            ["split-out/data.dev.jsonl", "is a folder"])
+
+
+# Work and memory bounded by the input, also when it is wrong; messages one line per problem
+
+
+def _yaml_alias_bomb(c: Case):
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    config = c.write("bomb.yaml", "\n".join(levels) + "\nlearning_rate: *a8\n")  # 9^9 strings when drawn whole
+    return ["train", config, "--output-dir", "run"], ["bomb.yaml:2", "alias", "not supported"]
+
+
+def _json_config_false_for_a_path(c: Case):
+    config = c.write("run.json", json.dumps({"train_file": str(c.good_data()), "output_dir": False}))
+    return ["train", config], ["run.json", "output_dir", "must be text"]
+
+
+def _many_bad_rows(c: Case):
+    data = c.rows("many.jsonl", *[{"context": f"q{i}"} for i in range(30)])
+    return ["data", "validate", data], ["many.jsonl", "30 problems", "first 20"]
+
 
 def case(build, *, id: str, prefix: str | None = None, xfail: str | None = None):
     """A table row; `prefix`: argparse's own `glmtune CMD: error: ` where argparse rejects the option itself."""
@@ -473,6 +637,36 @@ CASES = [
     case(_serve_port_out_of_range, id="serve-port-70000", prefix="glmtune serve: error: "),
     case(_serve_bad_host, id="serve-unresolvable-host"),
     case(_chat_negative_temperature, id="chat-negative-temperature", prefix="glmtune chat: error: "),
+    # issue 17: nesting Python's parsers would recurse into
+    case(_deep_jsonl, id="data-validate-jsonl-nested-50000-deep"),
+    case(_deep_yaml_config, id="train-yaml-nested-50000-deep"),
+    case(_deep_predictions, id="metrics-prediction-row-nested-50000-deep"),
+    # names too long for the file system
+    case(_long_data_name, id="data-validate-name-too-long"),
+    case(_long_predict_output, id="predict-output-name-too-long"),
+    case(_long_export_output, id="export-output-name-too-long"),
+    case(_long_config_name, id="train-config-name-too-long"),
+    case(_long_model_name, id="predict-model-name-too-long"),
+    # outputs that are devices, folders, or under files; a cache that cannot be written
+    case(_predict_to_dev_full, id="predict-output-dev-full"),
+    case(_predict_output_is_a_folder, id="predict-output-is-a-folder"),
+    case(_predict_output_under_a_file, id="predict-output-under-a-file"),
+    case(_split_output_dir_is_a_file, id="data-split-output-dir-is-a-file"),
+    case(_eval_output_under_a_file, id="eval-output-under-a-file"),
+    case(_cache_is_a_file, id="predict-cache-is-a-file"),
+    case(_cache_unwritable, id="eval-cache-unwritable"),
+    # --resume into a run it cannot continue (the run's resolved_config.yaml is left as it was)
+    case(_resume_garbage_trainer_state, id="train-resume-garbage-trainer-state"),
+    # overwritten without --overwrite, or an input destroyed
+    case(_metrics_output_is_its_predictions, id="metrics-output-is-its-predictions"),
+    case(_metrics_output_is_a_link_to_another_file, id="metrics-output-is-a-symlink"),
+    case(_eval_into_a_training_run, id="eval-output-is-a-training-run"),
+    case(_compare_into_a_training_run, id="compare-output-is-a-training-run"),
+    case(_split_overwrite_dev_is_a_folder, id="data-split-overwrite-dev-is-a-folder"),
+    # bounded work and memory; messages
+    case(_yaml_alias_bomb, id="train-yaml-alias-bomb"),
+    case(_json_config_false_for_a_path, id="train-json-output-dir-false"),
+    case(_many_bad_rows, id="data-validate-30-bad-rows"),
 ]
 
 
@@ -492,10 +686,12 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("build, prefix", CASES)
 def test_hostile_input_is_refused_cleanly(build, prefix, tmp_path, assets):
-    words, expected = build(Case(tmp_path, assets))
+    made = Case(tmp_path, assets)
+    words, expected = build(made)
     before = _snapshot(tmp_path)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "glmtune", *map(str, words)], cwd=tmp_path, env=dict(os.environ),
+    result = subprocess.run([sys.executable, "-m", "glmtune", *map(str, words)], cwd=tmp_path,
+                            env={**os.environ, **made.env},
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=240)
     took = time.monotonic() - started
     where = f"glmtune {' '.join(map(str, words))[:300]}\n--- stderr ({took:.1f} s):\n{result.stderr[-3000:]}"
@@ -503,6 +699,9 @@ def test_hostile_input_is_refused_cleanly(build, prefix, tmp_path, assets):
     assert result.returncode == 2, where
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith(prefix or "glmtune: error: "), where
+    if not prefix:  # glmtune's own error: every line of it starts so, also when it lists several problems
+        error = result.stderr[result.stderr.index("glmtune: error: "):]
+        assert all(line.startswith("glmtune: error: ") for line in error.splitlines() if line.strip()), where
     assert len(last) < 1000, where  # one readable line, never the hostile input itself
     for word in expected:
         assert word in last, f"{word!r} not in the error line\n{where}"

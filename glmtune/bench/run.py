@@ -131,9 +131,10 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int) -> 
     loaded = load_model(cfg.model, dtype=cfg.dtype, quantization=quantization)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
     limits = LengthLimits(cfg.max_source_length, cfg.max_target_length, cfg.cutoff_len)
-    features, _, _ = encode_cached(cfg.train_file, samples, Encoder(loaded.tokenizer, template, loaded.stop_ids),
-                                   limits, name="train", key_extra={**columns, "template": template.name},
-                                   enabled=cfg.dataset_cache, progress=False)
+    encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids, split_special_tokens=cfg.split_special_tokens)
+    features, _, _ = encode_cached(cfg.train_file, samples, encoder, limits, name="train",
+                                   key_extra={**columns, "template": template.name}, enabled=cfg.dataset_cache,
+                                   progress=False)
     pad_id = loaded.tokenizer.pad_token_id
     if recipe == "tutorial":
         collator = PadCollator(pad_id, fixed_length=cfg.max_source_length + cfg.max_target_length, count_tokens=True)

@@ -3,7 +3,8 @@
 An entry is keyed by everything the tokens depend on: the data file's bytes, the tokenizer, the template,
 the encoder's end tokens, the length limits, how many samples are used and what the caller adds (e.g. the
 column names). It lives in `cache_dir()/datasets/<key>.npz`. The cache only ever saves time: an entry
-that cannot be read is encoded again, and a folder that cannot be written only costs a warning.
+that cannot be read is encoded again, and a folder that cannot be written (GLMTUNE_CACHE naming a file, a
+read-only place) only costs a warning, given before any model loads (`dataset_cache_usable`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from glmtune.data.formats import Sample
 from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport, encode_samples
+from glmtune.files import writable_folder_problem
 from glmtune.paths import cache_dir
 
 CACHE_FORMAT = 1  # bump when preprocessing changes what it produces for the same inputs
@@ -28,6 +30,17 @@ CACHE_FORMAT = 1  # bump when preprocessing changes what it produces for the sam
 TOKENIZER_FILES = ("tokenizer*.json", "tokenizer*.model", "*.model", "vocab*", "merges*", "special_tokens_map.json",
                    "added_tokens.json", "chat_template*")
 log = logging.getLogger(__name__)
+
+
+def dataset_cache_usable() -> bool:
+    """Whether tokenized data can be cached: tried for real (a folder and a temporary file in it), with a
+    warning when not, so that a run says so at its start and then simply goes on without the cache."""
+    folder = cache_dir() / "datasets"
+    problem = writable_folder_problem(folder)
+    if problem:
+        log.warning("not caching tokenized data: %s (set GLMTUNE_CACHE to a writable folder, or dataset_cache: "
+                    "false to silence this)", problem)
+    return problem is None
 
 
 def encode_cached(source: str | Path, samples: list[Sample], encoder: Encoder, limits: LengthLimits, *,
@@ -44,7 +57,7 @@ def encode_cached(source: str | Path, samples: list[Sample], encoder: Encoder, l
     except OSError as e:  # the data file itself cannot be read again: nothing to key on
         log.warning("not caching the tokenized %s data: %s", name, e)
         return (*encode_samples(samples, encoder, limits, name=name, progress=progress), False)
-    if path.is_file():
+    if _is_file(path):
         cached = _load(path, samples)
         if cached is not None:
             log.info("tokenized %s data loaded from cache (%s)", name, path)
@@ -52,6 +65,13 @@ def encode_cached(source: str | Path, samples: list[Sample], encoder: Encoder, l
     features, report = encode_samples(samples, encoder, limits, name=name, progress=progress)
     _save(path, features, report, samples)
     return features, report, False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a GLMTUNE_CACHE name too long: no entry to read; saving will warn
+        return False
 
 
 def _key(source: str | Path, count: int, encoder: Encoder, limits: LengthLimits, key_extra: dict | None) -> str:
@@ -70,6 +90,8 @@ def _key(source: str | Path, count: int, encoder: Encoder, limits: LengthLimits,
         "extra": key_extra or {},
         "transformers": transformers.__version__,
     }
+    if encoder.split_special_tokens:  # (only then: earlier entries keep their keys)
+        material["split_special_tokens"] = True
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError, shown
+from glmtune.files import NestingError, check_input_file, loads, path_error, raw_decode
 
 MAX_REPORTED_PROBLEMS = 20
 
@@ -105,11 +106,14 @@ class _Problems:
             self.items.append(f"{self.path}:{line}: {problem}")
 
     def raise_if_any(self) -> None:
+        """One line per problem, and with several a last line that counts them (the CLI starts every line
+        with `glmtune: error:`, so the last line on the terminal says how many there are)."""
         if self.count == 1:  # one problem: one line, file:line first
             raise GlmtuneError(self.items[0])
         if self.count:
-            more = f"\n... and {self.count - len(self.items)} more" if self.count > len(self.items) else ""
-            raise GlmtuneError(f"{self.path}: {self.count} problems in the data:\n" + "\n".join(self.items) + more)
+            listed = (f"the first {len(self.items)} listed above" if self.count > len(self.items)
+                      else "listed above")
+            raise GlmtuneError("\n".join(self.items) + f"\n{self.path}: {self.count} problems in the data ({listed})")
 
 
 def _decode_lines(path: Path, raw: bytes, problems: _Problems) -> list[str]:
@@ -127,11 +131,12 @@ def _decode_lines(path: Path, raw: bytes, problems: _Problems) -> list[str]:
 
 def _read(path: Path, problems: _Problems) -> list[tuple[int, Any]]:
     """Records that parse; lines that do not are added to `problems` (a broken JSON array stops early)."""
-    if not path.exists():
-        raise GlmtuneError(f"data file not found: {path}")
-    if not path.is_file():
-        raise GlmtuneError(f"not a file: {path}")
-    lines = _decode_lines(path, path.read_bytes(), problems)
+    check_input_file(path, "data file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise path_error(path, e, "cannot read") from None
+    lines = _decode_lines(path, raw, problems)
     text = "\n".join(lines)
     stripped = text.lstrip()
     if not stripped and not problems.count:
@@ -157,10 +162,30 @@ def _read_jsonl(lines: list[str], problems: _Problems) -> list[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            records.append((number, loads(line)))
         except json.JSONDecodeError as e:
             problems.add(number, f"invalid JSON: {e.msg} (column {e.colno})")
+        except NestingError as e:
+            problems.add(number, f"invalid record: {e}")
     return records
+
+
+class LineNumbers:
+    """Line numbers of offsets in a text, asked in increasing order (records of a JSON array): each stretch
+    of text is counted once, so a whole file costs one pass; counting from the start for every record
+    cost time quadratic in the file's size (minutes for 8 MB). `scanned` counts the characters looked at."""
+
+    def __init__(self, text: str):
+        self.text, self.offset, self.line, self.scanned = text, 0, 1, 0
+
+    def __call__(self, offset: int) -> int:
+        if offset < self.offset:  # an earlier offset (not asked for by the reader): count afresh
+            self.scanned += offset
+            return self.text.count("\n", 0, offset) + 1
+        self.scanned += offset - self.offset
+        self.line += self.text.count("\n", self.offset, offset)
+        self.offset = offset
+        return self.line
 
 
 def _read_json_array(path: Path, text: str) -> list[tuple[int, Any]]:
@@ -168,9 +193,7 @@ def _read_json_array(path: Path, text: str) -> list[tuple[int, Any]]:
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     records = []
-
-    def line_of(offset: int) -> int:
-        return text.count("\n", 0, offset) + 1
+    line_of = LineNumbers(text)
 
     def skip_space(i: int) -> int:
         while i < len(text) and text[i] in " \t\r\n":
@@ -183,9 +206,11 @@ def _read_json_array(path: Path, text: str) -> list[tuple[int, Any]]:
     while True:
         pos = skip_space(pos)
         try:
-            value, end = decoder.raw_decode(text, pos)
+            value, end = raw_decode(decoder, text, pos)
         except json.JSONDecodeError as e:
             raise GlmtuneError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except NestingError as e:
+            raise GlmtuneError(f"{path}:{line_of(pos)}: invalid record: {e}") from None
         records.append((line_of(pos), value))
         pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":

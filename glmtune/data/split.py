@@ -12,6 +12,7 @@ from pathlib import Path
 
 from glmtune.data.formats import read_records
 from glmtune.errors import GlmtuneError
+from glmtune.files import check_output_file, replacing_all
 
 
 def split_file(path: str | Path, *, dev_ratio: float, seed: int, output_dir: str | Path | None = None,
@@ -20,6 +21,11 @@ def split_file(path: str | Path, *, dev_ratio: float, seed: int, output_dir: str
     if not 0 < dev_ratio < 1:
         raise GlmtuneError(f"dev_ratio must be between 0 and 1 (exclusive); got {dev_ratio}")
     path = Path(path)
+    out = Path(output_dir) if output_dir else path.parent
+    stem = path.name.removesuffix(".jsonl").removesuffix(".json")
+    train_path, dev_path = out / f"{stem}.train.jsonl", out / f"{stem}.dev.jsonl"
+    for target in (train_path, dev_path):  # both, before reading the data and before writing either
+        check_output_file(target, overwrite=overwrite, inputs=[path], option="output")
     numbered = read_records(path)
     for line, value in numbered:  # rows are copied as they are, but a row that is no object is no sample
         if not isinstance(value, dict):
@@ -31,14 +37,8 @@ def split_file(path: str | Path, *, dev_ratio: float, seed: int, output_dir: str
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     dev_rows = set(order[:dev_count])
-    out = Path(output_dir) if output_dir else path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    stem = path.name.removesuffix(".jsonl").removesuffix(".json")
-    train_path, dev_path = out / f"{stem}.train.jsonl", out / f"{stem}.dev.jsonl"
-    for target in (train_path, dev_path):
-        if target.exists() and not overwrite:
-            raise GlmtuneError(f"{target} already exists; pass --overwrite to replace it")
-    with train_path.open("w", encoding="utf-8") as train, dev_path.open("w", encoding="utf-8") as dev:
+    # Both parts are written whole before either replaces its file: a failure leaves both files as they were.
+    with replacing_all([train_path, dev_path]) as (train, dev):
         for index, record in enumerate(records):
             (dev if index in dev_rows else train).write(json.dumps(record, ensure_ascii=False) + "\n")
     return train_path, dev_path, len(records) - dev_count, dev_count

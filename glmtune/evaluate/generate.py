@@ -21,6 +21,7 @@ from glmtune.data.formats import Message, Sample
 from glmtune.data.preprocess import Encoder, LengthLimits
 from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError
+from glmtune.files import NestingError, is_special, loads, path_error, status
 from glmtune.models.loader import LoadedModel, context_length
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,8 @@ def _kept_rows(path: Path, samples: list[Sample], batch_size: int) -> tuple[list
             if not raw.endswith(b"\n"):
                 break  # cut off mid-line by the interruption
             try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, NestingError):
                 break
             if len(rows) >= len(samples):
                 raise GlmtuneError(f"{path} holds more rows than the data has; it was written for other data "
@@ -181,38 +182,55 @@ def _kept_rows(path: Path, samples: list[Sample], batch_size: int) -> tuple[list
 
 def write_predictions(generator: Generator, samples: list[Sample], output_path: str | Path, *,
                       batch_size: int = 8, sampling: Sampling | None = None, progress: bool = True,
-                      resume: bool = False, seed: int | None = None, check_lengths: bool = True) -> list[str]:
+                      resume: bool = False, seed: int | None = None, check_lengths: bool = True,
+                      keep_partial: bool = False) -> list[str]:
     """Answers every sample in order and writes `prediction_row`s to `output_path` (JSONL), batch by batch
     as they finish. Returns the answers.
 
     With `resume`, the rows an interrupted run already wrote are kept and generation continues after them,
     so the file ends as an uninterrupted run's would. With `seed`, each batch is seeded from the seed and
     its position, so sampled answers do not depend on where a run resumed either. A prompt too long for the
-    model is refused before anything is written (`check_lengths` False: the caller has checked)."""
+    model is refused before anything is written (`check_lengths` False: the caller has checked). A write
+    that fails (a full disk) is one GlmtuneError; the partial file is removed unless `keep_partial` (eval,
+    which continues it when run again)."""
     from tqdm.auto import tqdm
 
     if check_lengths:
         generator.check_prompts(samples)
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     kept, kept_bytes = _kept_rows(output_path, samples, batch_size) if resume and output_path.exists() else ([], 0)
     if kept:
         log.info("%s: %d of %d rows already answered; continuing", output_path, len(kept), len(samples))
     answers = [row["prediction"] for row in kept]
-    with output_path.open("r+" if kept else "w", encoding="utf-8") as out, \
-            tqdm(total=len(samples), initial=len(kept), desc="generating", unit="sample", disable=not progress) as bar:
-        out.truncate(kept_bytes)  # drop what comes after the kept rows (a cut line, a partial batch)
-        out.seek(kept_bytes)
-        for start in range(len(kept), len(samples), batch_size):
-            batch = samples[start:start + batch_size]
-            if seed is not None:
-                torch.manual_seed(seed + start)
-            batch_answers = generator.generate([s.prompt_messages for s in batch], sampling)
-            for sample, answer in zip(batch, batch_answers):
-                out.write(json.dumps(prediction_row(sample, answer), ensure_ascii=False) + "\n")
-            out.flush()
-            answers += batch_answers
-            bar.update(len(batch))
+    special = is_special(status(output_path))  # /dev/null, /dev/stdout: written in place
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        if not kept and not special and output_path.is_symlink():
+            output_path.unlink()  # a link is replaced itself; the file it points to is never written
+        with output_path.open("r+" if kept else "w", encoding="utf-8") as out, \
+                tqdm(total=len(samples), initial=len(kept), desc="generating", unit="sample",
+                     disable=not progress) as bar:
+            if not special:
+                out.truncate(kept_bytes)  # drop what comes after the kept rows (a cut line, a partial batch)
+                out.seek(kept_bytes)
+            for start in range(len(kept), len(samples), batch_size):
+                batch = samples[start:start + batch_size]
+                if seed is not None:
+                    torch.manual_seed(seed + start)
+                batch_answers = generator.generate([s.prompt_messages for s in batch], sampling)
+                for sample, answer in zip(batch, batch_answers):
+                    out.write(json.dumps(prediction_row(sample, answer), ensure_ascii=False) + "\n")
+                out.flush()
+                answers += batch_answers
+                bar.update(len(batch))
+    except OSError as e:  # a full disk, /dev/full: one line, and no half-written file left as if it were whole
+        if not keep_partial and not special:
+            output_path.unlink(missing_ok=True)
+        error = path_error(output_path, e, "cannot write")
+        if keep_partial and not special:
+            error = GlmtuneError(f"{error}; the answers written so far are kept: run the same command again to "
+                                 "continue")
+        raise error from None
     if generator.prompts_cut:
         log.warning("%d prompts were longer than the limit and were cut", generator.prompts_cut)
     return answers

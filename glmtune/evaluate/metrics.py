@@ -37,7 +37,7 @@ def _json(text: str) -> Any:
     body = match.group(1) if match else OPEN_FENCE.sub("", text.strip())
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # an answer like [[[[... thousands deep is no answer that parses
         return None
 
 

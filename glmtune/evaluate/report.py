@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.evaluate.metrics import GENERATION_KEYS, LABELS, TASK_KEYS, TASKS, align
+from glmtune.files import write_text
 
 
 def _fmt(template: str, value: Any) -> str:
@@ -80,5 +81,5 @@ def write_report(path: Path, *, title: str, setup: list[str], before: dict[str, 
             "Definitions: docs/metrics.md.", "",
             "## Examples", "", format_examples(examples, markdown=True), "", "## Files", "",
             *[f"- `{name}`" for name in files], ""]
-    path.write_text("\n".join(text), encoding="utf-8")
+    write_text(path, "\n".join(text))  # whole or not at all
     return path

@@ -15,6 +15,8 @@ from typing import Any
 
 from glmtune.errors import GlmtuneError
 from glmtune.evaluate.generate import Sampling
+from glmtune.files import (NestingError, check_input_file, check_output_file, check_output_folder, loads, path_error,
+                           write_text)
 from glmtune.models.kbit import Quantization
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,17 @@ PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 SETTINGS = "eval_config.json"
 TASKS = ("auto", "generation", "extraction", "classification")
+# Files `glmtune train` writes first into its output folder: a folder holding one is a training run, whose
+# metrics.json and report.md an evaluation must not replace.
+TRAINING_RUN_FILES = ("resolved_config.yaml", "train_log.jsonl")
+
+
+def refuse_training_run(folder: Path, option: str = "--output") -> None:
+    """An evaluation writes metrics.json (and compare report.md): never into a training run's own folder."""
+    found = next((name for name in TRAINING_RUN_FILES if (folder / name).exists()), None)
+    if found:
+        raise GlmtuneError(f"{option} {folder} holds a training run ({found}); its metrics.json and report.md are "
+                           f"the run's own: write the evaluation elsewhere, e.g. {folder / 'eval'}")
 
 
 @dataclass
@@ -70,14 +83,17 @@ def _check_folder(settings: EvalSettings, overwrite: bool) -> bool:
     """Check the eval folder without writing anything; True when an earlier run there is continued."""
     out = Path(settings.output_dir)
     recorded = out / SETTINGS
-    if out.exists() and not out.is_dir():
-        raise GlmtuneError(f"{out} exists and is not a folder")
+    if not check_output_folder(out):
+        return False
+    refuse_training_run(out)
+    for name in (PREDICTIONS, METRICS, SETTINGS):  # never the data file itself, also with --overwrite
+        check_output_file(out / name, overwrite=True, inputs=[settings.data])
     if overwrite:
         return False
     if recorded.is_file():
         try:
-            earlier = json.loads(recorded.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            earlier = loads(recorded.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError):  # ValueError: bad JSON, or nested absurdly deep
             earlier = None
         if not isinstance(earlier, dict):
             raise GlmtuneError(f"{recorded} is damaged; use another output folder or --overwrite")
@@ -99,12 +115,14 @@ def _start_folder(settings: EvalSettings, overwrite: bool, resumed: bool) -> Non
     out = Path(settings.output_dir)
     if resumed:
         return
-    if overwrite:
-        for name in (PREDICTIONS, METRICS, SETTINGS):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS).write_text(json.dumps(settings.identity(), indent=2, ensure_ascii=False) + "\n",
-                                encoding="utf-8")
+    try:
+        if overwrite:
+            for name in (PREDICTIONS, METRICS, SETTINGS):
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise path_error(out, e, "cannot write") from None
+    write_text(out / SETTINGS, json.dumps(settings.identity(), indent=2, ensure_ascii=False) + "\n")
 
 
 def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, Any]:
@@ -126,9 +144,10 @@ def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, An
     generator.check_prompts(samples)
     _start_folder(settings, overwrite, resumed)  # only now: a run that fails to load or to fit writes nothing
     answers = write_predictions(generator, samples, out / PREDICTIONS, batch_size=settings.batch_size,
-                                sampling=settings.sampling, resume=resumed, seed=settings.seed, check_lengths=False)
+                                sampling=settings.sampling, resume=resumed, seed=settings.seed, check_lengths=False,
+                                keep_partial=True)
     metrics = compute_metrics(zip(answers, [s.reference for s in samples]), task=settings.task)
-    (out / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(out / METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     log.info("%s: %d answers scored, metrics in %s", settings.output_dir, len(answers), out / METRICS)
     return metrics
 
@@ -139,11 +158,11 @@ def score_file(path: str | Path, task: str = "auto") -> dict[str, Any]:
 
     if task not in TASKS:
         raise GlmtuneError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise GlmtuneError(f"predictions file not found: {path}")
+    path = check_input_file(path, "predictions file")
     try:
         text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise path_error(path, e, "cannot read") from None
     except UnicodeDecodeError as e:
         line = e.object.count(b"\n", 0, e.start) + 1
         raise GlmtuneError(f"{path}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
@@ -152,9 +171,11 @@ def score_file(path: str | Path, task: str = "auto") -> dict[str, Any]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError as e:
             raise GlmtuneError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except NestingError as e:
+            raise GlmtuneError(f"{path}:{number}: not a predictions row: {e}") from None
         if not isinstance(row, dict):
             raise GlmtuneError(f"{path}:{number}: a line must be a JSON object")
         for key in ("target", "prediction"):
@@ -167,10 +188,11 @@ def score_file(path: str | Path, task: str = "auto") -> dict[str, Any]:
     return compute_metrics(pairs, task=task)
 
 
-def run_compare(settings: EvalSettings, *, overwrite: bool = False,
-                examples: int = 3) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def run_compare(settings: EvalSettings, *, overwrite: bool = False, examples: int = 3,
+                inside_run: bool = False) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Base and tuned model on the same file (OUT/base, OUT/tuned) and OUT/report.md side by side;
-    returns the report's path and the base and tuned metrics."""
+    returns the report's path and the base and tuned metrics. `inside_run`: OUT is the training run that
+    asked for the comparison (eval_generate), the one training run folder it may write into."""
     from glmtune.data.formats import Message
     from glmtune.evaluate.report import write_report
     from glmtune.methods.adapter import read_adapter_info
@@ -180,6 +202,11 @@ def run_compare(settings: EvalSettings, *, overwrite: bool = False,
     info = read_adapter_info(settings.adapter) if (Path(settings.adapter) / "glmtune_adapter.json").is_file() \
         else {}
     out = Path(settings.output_dir)
+    if check_output_folder(out) and not inside_run:
+        refuse_training_run(out)
+    if (out / "report.md").exists() and not overwrite and not inside_run and not (out / "base").is_dir():
+        raise GlmtuneError(f"{out / 'report.md'} exists but was not written by glmtune compare; use another output "
+                           "folder or --overwrite")
     if overwrite and (out / "report.md").exists():
         (out / "report.md").unlink()
     model = settings.model or info.get("base_model")
@@ -223,4 +250,4 @@ def _decoding(settings: EvalSettings) -> str:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

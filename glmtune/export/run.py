@@ -15,7 +15,9 @@ leaves a half-written output.
 from __future__ import annotations
 
 import gc
+import glob
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ import torch
 
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError, one_line
+from glmtune.files import check_output_folder, lstat, path_error, remove_stale
 from glmtune.methods.adapter import ADAPTER_FILE, EXPORT_FILE, FORMAT_VERSION
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -34,6 +37,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 PROMPTS = ("Hi!", "What is the capital of France?",
            "Write one calm sentence about the sea, for a child who cannot sleep.", "你好，请用一句话介绍你自己。")
 CHECK_TOKENS = 16
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +65,8 @@ def export_model(adapter: str | Path, output: str | Path, *, model: str | None =
         raise GlmtuneError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     _check_output(out, overwrite)
     _refuse_overlap(out, adapter_dir, "adapter folder")
+    for path in remove_stale_staging(out):
+        log.info("removed %s, left by an interrupted export", path)
     info, pre_seq_len = _adapter_info(adapter_dir)
     if merge and info["method"] == "ptuning":
         raise GlmtuneError(f"{adapter_dir} is a P-Tuning v2 adapter: a prefix is not a weight delta and cannot be "
@@ -283,11 +289,17 @@ def _compare(before, after, *, exact: bool, note: str = "") -> str:
 # ---------------------------------------------------------------- the output folder
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if out.is_symlink() or out.exists():
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+    if lstat(out) is None:
+        check_output_folder(out)  # a name too long, a file on the way, an unwritable place
+        return
+    if out.is_dir() and not out.is_symlink():
+        check_output_folder(out)
+        if not any(out.iterdir()):
             return  # an empty folder is fine
-        if not overwrite:
-            raise GlmtuneError(f"{out} already exists and is not an empty folder; pass --overwrite to replace it")
+    if not overwrite:
+        raise GlmtuneError(f"{out} already exists and is not an empty folder; pass --overwrite to replace it")
+    if not os.access(out.absolute().parent, os.W_OK | os.X_OK):
+        raise GlmtuneError(f"cannot replace {out}: its folder is not writable")
 
 
 def _refuse_overlap(out: Path, source: Path, what: str) -> None:
@@ -297,11 +309,33 @@ def _refuse_overlap(out: Path, source: Path, what: str) -> None:
         raise GlmtuneError(f"the output {out} would replace the {what} {source}; choose another output folder")
 
 
+def _hidden(out: Path, kind: str, pid: int | str) -> Path:
+    """`.OUT.kind-PID` beside `out` (the name cut so that it stays within the file system's limit)."""
+    return out.parent / f".{out.name[:200]}.{kind}-{pid}"
+
+
+def _owner(path: Path) -> int | None:
+    pid = path.name.rpartition("-")[2]
+    return int(pid) if pid.isdigit() else 0  # no process id: nobody's
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """What killed exports into `out` left beside it (a staging folder can be hundreds of MB): removed when
+    the process that wrote it is gone, as checkpoint staging folders are when a run starts again."""
+    removed = []
+    for kind in ("export", "replaced"):
+        removed += remove_stale(out.parent, f".{glob.escape(out.name[:200])}.{kind}-*", owner=_owner)
+    return removed
+
+
 @contextmanager
 def _staging(out: Path):
     """A fresh hidden sibling of `out` to write into; on success it replaces `out`, on failure it goes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise path_error(out, e, "cannot write") from None
+    tmp = _hidden(out, "export", os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -311,7 +345,7 @@ def _staging(out: Path):
         raise
     gc.collect()  # memory-mapped base files may still be open on some platforms
     if out.is_symlink() or out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        old = _hidden(out, "replaced", os.getpid())
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

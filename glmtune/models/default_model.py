@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
+from glmtune.files import writable_folder_problem
 from glmtune.paths import cache_dir
 
 ALIAS = "smollm2-135m"
@@ -62,6 +63,11 @@ def default_model_path() -> Path:
                 return target
         except json.JSONDecodeError:
             pass
+    problem = writable_folder_problem(target.parent)  # before the ~20 s GGUF load, not after it
+    if problem:
+        raise GlmtuneError(f"the default model is converted into glmtune's cache on first use, and the cache cannot "
+                           f"be written: {problem}; set GLMTUNE_CACHE to a writable folder, or pass --model with a "
+                           "local checkpoint folder")
     _convert(source, target, stamp)
     return target
 

@@ -73,8 +73,8 @@ class JsonlLog(TrainerCallback):
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line the kill cut short
+                except (json.JSONDecodeError, RecursionError):
+                    continue  # a line the kill cut short (or one nobody but a vandal wrote)
                 if isinstance(entry, dict) and entry.get("step", 0) <= state.global_step:
                     kept.append(line)
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -87,6 +87,20 @@ class JsonlLog(TrainerCallback):
         entry["tokens_seen"] = state.num_input_tokens_seen
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+class ResumedConfig(TrainerCallback):
+    """Writes a resumed run's resolved_config.yaml once the Trainer has loaded the checkpoint (weights,
+    optimizer, state) and is about to train: a resume that fails leaves the run's record as it was."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text = Path(path), text
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from glmtune.files import write_text
+
+            write_text(self.path, self.text)
 
 
 class EvaluateEachEpoch(TrainerCallback):

@@ -15,7 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, one_line
+from glmtune.files import read_json, remove_stale
 
 STAGING = ".saving-"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -30,11 +31,68 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 
 
 def remove_leftovers(directory: Path) -> list[Path]:
-    """Delete staging folders a killed run left behind; returns what was removed."""
-    removed = [p for p in directory.glob(STAGING + "*") if p.is_dir()]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+    """Delete staging folders a killed run left behind; returns what was removed. (The caller holds the run
+    folder's lock, so no other run is writing them.)"""
+    return remove_stale(directory, STAGING + "*")
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """Refuse, before anything loads, a checkpoint the Trainer would stop on with a traceback: a
+    trainer_state.json that is not a JSON object with a step, or a weight, optimizer, scheduler or random
+    state file that is cut short or damaged."""
+    earlier = [p for p in complete_checkpoints(checkpoint.parent) if p != checkpoint]
+    advice = (f"delete {checkpoint} to resume from {earlier[-1].name}, or start again with --overwrite" if earlier
+              else "start again with --overwrite")
+    state = checkpoint / STATE_FILE
+    try:
+        data = read_json(state, "trainer state")
+    except GlmtuneError as e:
+        raise GlmtuneError(f"--resume: {e}; the checkpoint is damaged: {advice}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("global_step"), int) or isinstance(
+            data.get("global_step"), bool):
+        raise GlmtuneError(f"--resume: {state} does not hold a trainer state (a JSON object with global_step); the "
+                           f"checkpoint is damaged: {advice}")
+    for path in sorted(checkpoint.iterdir()):
+        problem = _file_problem(path) if path.is_file() else None
+        if problem:
+            raise GlmtuneError(f"--resume: {path} {problem}; the checkpoint is damaged: {advice}")
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be read back, or None. PyTorch files (.pt, .pth, .bin) are zip archives:
+    every member's checksum is tested, without unpickling anything; safetensors files must cover every
+    tensor their header lists."""
+    import zipfile
+
+    try:
+        if path.suffix in (".pt", ".pth", ".bin"):
+            if not zipfile.is_zipfile(path):
+                return "is cut short or is not a PyTorch file"
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            return f"is damaged (its part {bad} fails its checksum)" if bad else None
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as weights:
+                for name in weights.keys():
+                    weights.get_slice(name).get_shape()
+    except Exception as e:  # noqa: BLE001 - zipfile, OSError, and safetensors' own error type all mean damaged
+        return f"cannot be read ({type(e).__name__}: {one_line(e, 200)})"
+    return None
+
+
+def checkpoint_shapes(checkpoint: Path) -> list[tuple[int, ...]] | None:
+    """The shapes of the trained tensors a checkpoint holds (its adapter or trained-weights file), sorted;
+    None when it has no safetensors weights to read them from."""
+    from safetensors import safe_open
+
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        path = checkpoint / name
+        if path.is_file():
+            with safe_open(str(path), "pt") as weights:
+                return sorted(tuple(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return None
 
 
 def publish(staged: Path, final: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -105,14 +104,16 @@ def parameter_count(parameter) -> int:
 def check_deepspeed(path: str) -> None:
     """A DeepSpeed config must exist, be a JSON object, and deepspeed must be importable: said before anything
     is loaded or written, not by a traceback from inside the Trainer."""
+    from glmtune.files import read_json, status
+
     p = Path(path)
-    if not p.is_file():
+    if status(p) is None:
         raise GlmtuneError(f"deepspeed config not found: {p} (examples/deepspeed_zero2.json and "
                            "examples/deepspeed_zero3_offload.json are ready-made ones)")
     try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GlmtuneError(f"deepspeed config {p} is not valid JSON: {e}") from None
+        data = read_json(p, "deepspeed config")
+    except GlmtuneError as e:
+        raise GlmtuneError(f"deepspeed config {e}") from None
     if not isinstance(data, dict):
         raise GlmtuneError(f"deepspeed config {p} must be a JSON object")
     if importlib.util.find_spec("deepspeed") is None:

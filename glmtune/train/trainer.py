@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,23 +22,27 @@ import torch
 from transformers import set_seed
 
 from glmtune.config import DEFAULT_LEARNING_RATES, TrainConfig, to_yaml
-from glmtune.data.cache import encode_cached
+from glmtune.data.cache import dataset_cache_usable, encode_cached
 from glmtune.data.collate import PackCollator, PadCollator, restarting_positions
 from glmtune.data.formats import load_samples
 from glmtune.data.packing import pack_features
 from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport
 from glmtune.data.templates import get_template
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, shown
+from glmtune.files import check_output_folder, path_error, write_text
 from glmtune.methods import get_method
 from glmtune.methods.adapter import write_adapter_info
 from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, fingerprint, load_model
-from glmtune.train.callbacks import EvaluateEachEpoch, JsonlLog, KeepBestAdapter, NonFiniteGuard, ProgressBar
-from glmtune.train.checkpoints import complete_checkpoints, remove_leftovers, staged_folder
+from glmtune.train.callbacks import (EvaluateEachEpoch, JsonlLog, KeepBestAdapter, NonFiniteGuard, ProgressBar,
+                                     ResumedConfig)
+from glmtune.train.checkpoints import (check_checkpoint, checkpoint_shapes, complete_checkpoints, remove_leftovers,
+                                       staged_folder)
 from glmtune.train.distributed import (barrier, check_deepspeed, gathered, is_main_process, parameter_count,
                                       same_on_all_ranks, world_size)
 from glmtune.train.loss import LabelledLossTrainer
 from glmtune.train.plot import plot_loss
+from glmtune.train.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -72,44 +75,95 @@ def default_output_dir(prefix: str = "train") -> Path:
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_output_dir(directory: Path, *, overwrite: bool, resume: bool) -> tuple[Path | None, list[Path]]:
-    """Refuse to overwrite an earlier run silently, before anything is loaded or written.
+def check_output_dir(directory: Path, *, overwrite: bool, resume: bool,
+                     cfg: TrainConfig | None = None) -> tuple[Path | None, list[Path]]:
+    """Refuse to overwrite an earlier run silently, before anything is loaded or written; with `resume`,
+    refuse a damaged checkpoint and (given `cfg`) one trained with another method or shape.
 
     Returns the checkpoint to resume from (or None) and the earlier run's files that `create_output_dir`
     will remove (only with `overwrite`)."""
     if overwrite and resume:
         raise GlmtuneError("give either --overwrite (start again) or --resume (continue), not both")
-    existing = directory.is_dir()
+    existing = check_output_folder(directory, option="output_dir")
     if resume:
         checkpoints = complete_checkpoints(directory) if existing else []
         if not checkpoints:
             raise GlmtuneError(f"--resume: {directory} has no checkpoint-N folder to continue from")
+        check_checkpoint(checkpoints[-1])
+        if cfg is not None:
+            check_resumed_setup(directory, cfg)
         return checkpoints[-1], []
-    if directory.exists() and not existing:
-        raise GlmtuneError(f"output_dir {directory} exists and is not a folder")
     earlier = ([p for p in (directory / name for name in RUN_FILES) if p.exists()] + complete_checkpoints(directory)
                if existing else [])
     if earlier and not overwrite:
         raise GlmtuneError(f"{directory} already holds a training run ({earlier[0].name}); pass --resume to "
                            "continue it, --overwrite to replace it, or choose another output_dir")
-    parent = directory if existing else next((p for p in directory.absolute().parents if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
-        raise GlmtuneError(f"cannot write to output_dir {directory}: {parent} is not writable")
     return None, earlier
+
+
+# What a checkpoint's weights depend on besides the base model, by method: --resume needs the same values.
+RESUME_KEYS = {"lora": ("lora_rank", "lora_target"), "qlora": ("lora_rank", "lora_target"),
+               "ptuning": ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
+
+
+def _same_setting(key: str, then: Any, now: Any) -> bool:
+    if now is None or now in ("auto", "all-linear") or then is None or then in ("auto", "all-linear"):
+        return True  # not worked out yet: compared again once the model is built (resolved values)
+    if key == "lora_target":
+        return {t.strip() for t in str(then).split(",")} == {t.strip() for t in str(now).split(",")}
+    return then == now
+
+
+def check_resumed_setup(directory: Path, cfg: TrainConfig) -> None:
+    """A checkpoint continues only with the method and shape options it was trained with, as the run's
+    resolved_config.yaml records them (values not worked out yet, like lora_target auto, pass here and are
+    compared again with the resolved config before anything is written)."""
+    from glmtune.config import read_config_file
+
+    recorded_file = directory / "resolved_config.yaml"
+    if not recorded_file.is_file():
+        return  # an older or foreign run: the weights' shapes are still compared once the model is built
+    try:
+        recorded = read_config_file(recorded_file)
+    except GlmtuneError as e:
+        raise GlmtuneError(f"--resume: {e}; cannot tell what {directory} was trained with (start a new run in "
+                           "another output_dir)") from None
+    method = recorded.get("method")
+    for key in ("method", *RESUME_KEYS.get(method if isinstance(method, str) else "", ())):
+        then, now = recorded.get(key), getattr(cfg, key)
+        if not _same_setting(key, then, now):
+            raise GlmtuneError(f"--resume: {directory} was trained with {key} {shown(then)}, and this run asks for "
+                               f"{shown(now)}; a checkpoint continues only with the setup it was trained with: set "
+                               f"{key} back to {shown(then)}, or start a new run in another output_dir")
+
+
+def check_resumed_weights(checkpoint: Path, model, cfg: TrainConfig) -> None:
+    """The checkpoint's trained tensors must have the shapes of the ones the model was just built with
+    (another rank, method, target list or prefix would fail inside the Trainer with a traceback)."""
+    if cfg.deepspeed:
+        return  # ZeRO keeps its own layout (and partitioned parameters have no whole shape here)
+    stored = checkpoint_shapes(checkpoint)
+    if stored is None:
+        return
+    built = sorted(tuple(p.shape) for p in model.parameters() if p.requires_grad)
+    if stored != built:
+        raise GlmtuneError(f"--resume: the weights in {checkpoint} ({len(stored)} tensors) do not fit the model these "
+                           f"options build ({len(built)} trained tensors); resume with the options the run was "
+                           f"trained with (its resolved_config.yaml), or start a new run in another output_dir")
 
 
 def create_output_dir(directory: Path, earlier: list[Path]) -> None:
     """Remove an earlier run's files (only glmtune's; anything else the user keeps there stays) and create
     the folder."""
-    for path in earlier:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if directory.is_dir():
-        for path in remove_leftovers(directory):
-            log.info("removed %s, left half-written by an interrupted run", path.name)
     try:
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if directory.is_dir():
+            for path in remove_leftovers(directory):
+                log.info("removed %s, left half-written by an interrupted run", path.name)
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise GlmtuneError(f"cannot create output_dir {directory}: {e.strerror or e}") from None
+        raise path_error(directory, e, "cannot create output_dir") from None
 
 
 REPORTING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
@@ -187,6 +241,11 @@ def _report_dict(report: TruncationReport) -> dict[str, Any]:
 
 def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainResult:
     """Train as `cfg` says. `loaded` lets a caller (the demo) reuse a model it already loaded."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, from taking it to the end of the run
+        return _run_training(cfg, loaded, held)
+
+
+def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib.ExitStack) -> TrainResult:
     if not cfg.train_file:
         raise GlmtuneError("train_file is required (a JSON or JSONL file; see `glmtune data validate`)")
     if cfg.deepspeed:
@@ -209,23 +268,24 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     if not cfg.output_dir:  # every process dated a folder by its own clock: the main process's wins
         out = same_on_all_ranks(out)
         args.output_dir = str(out)
-    resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, cfg=cfg)
     check_report_to(cfg.report_to)
+    use_cache = cfg.dataset_cache and dataset_cache_usable()  # said before the model loads, not after
 
     quantization = requested_quantization(cfg)
     set_seed(cfg.seed)  # before the method initialises its weights, so a seed fixes the whole run
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, quantization=quantization)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
-    encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids)
+    encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids, split_special_tokens=cfg.split_special_tokens)
     limits = _limits(cfg)
     key = {**columns, "template": template.name}
     train_features, train_report, _ = encode_cached(cfg.train_file, train_samples, encoder, limits, name="train",
-                                                    key_extra=key, enabled=cfg.dataset_cache)
+                                                    key_extra=key, enabled=use_cache)
     log.info(train_report.summary("train", limits))
     dev_features, dev_report = [], None
     if dev_samples:
         dev_features, dev_report, _ = encode_cached(cfg.dev_file, dev_samples, encoder, limits, name="dev",
-                                                    key_extra=key, enabled=cfg.dataset_cache)
+                                                    key_extra=key, enabled=use_cache)
         dev_features = list(dev_features)
     dev_features.sort(key=lambda f: len(f["input_ids"]))  # evaluation batches in order: little padding
     if dev_report:
@@ -244,10 +304,20 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     model = method.apply(loaded.model, cfg, loaded.family)
     model.config.use_cache = False
     cfg = resolved_config(cfg, args, out, loaded, template.name, model)
+    if resume_from:  # with the values worked out now (lora_target auto, ...), and the weights' shapes
+        check_resumed_setup(out, cfg)
+        check_resumed_weights(resume_from, model, cfg)
     barrier()  # every process has checked output_dir before the main process changes it
     if is_main_process():  # the other processes (torchrun, --nproc) write nothing of glmtune's own
-        create_output_dir(out, earlier)  # only now: a run that fails to load writes nothing
-        (out / "resolved_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        # Only now: a run that fails to load writes nothing. Under the lock the folder is looked at again:
+        # another run may have written there while this one loaded.
+        held.enter_context(RunLock(out))
+        if check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume) != (resume_from, earlier):
+            raise GlmtuneError(f"output_dir {out} changed while this run was loading (another glmtune train run "
+                               "there?); run the command again")
+        create_output_dir(out, earlier)
+        if not resume_from:  # a resumed run records its config once the checkpoint has loaded (ResumedConfig)
+            write_text(out / "resolved_config.yaml", to_yaml(cfg))
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in model.parameters())
     log.info("%s: %s trainable parameters of %s (%.2f%%)", cfg.method, f"{trainable:,}", f"{total:,}",
@@ -273,6 +343,8 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     guard = NonFiniteGuard(cfg.nonfinite, cfg.max_nonfinite_steps)
     progress = ProgressBar()
     callbacks = [guard, progress, JsonlLog(out / "train_log.jsonl")]  # guard first: it edits the logs
+    if resume_from:
+        callbacks.append(ResumedConfig(out / "resolved_config.yaml", to_yaml(cfg)))
     if dev_features:
         callbacks.append(KeepBestAdapter(out / "best", save_adapter, cfg.metric_for_best, cfg.early_stopping_patience))
         if cfg.eval_each_epoch:
@@ -327,7 +399,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     if is_main_process():
         if cfg.eval_generate and dev_samples:
             metrics["report"] = str(_compare_after_training(cfg, loaded, template.name, out, best_dir or adapter_dir))
-        (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
+        write_text(out / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
         plot_loss(out / "train_log.jsonl", out / "loss.png")
     log.info("adapter saved to %s%s", adapter_dir, f"; best (eval_loss {metrics['best_eval_loss']:.4f}) in {best_dir}"
              if best_dir else "")
@@ -475,7 +547,7 @@ def _compare_after_training(cfg: TrainConfig, loaded: LoadedModel, template: str
                             max_source_length=cfg.max_source_length, dtype=cfg.dtype,
                             quantization=loaded.quantization, prompt_column=cfg.prompt_column,
                             response_column=cfg.response_column)
-    report, _, _ = run_compare(settings, overwrite=True)
+    report, _, _ = run_compare(settings, overwrite=True, inside_run=True)
     log.info("before/after report written to %s", report)
     return report
 
