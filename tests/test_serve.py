@@ -181,6 +181,16 @@ def test_twenty_concurrent_clients_each_get_their_own_answer(server, reference):
     assert answers == expected
 
 
+def health_once_cancelled(server, before: dict, seconds: float) -> dict:
+    """/health as soon as it counts a cancelled request more than `before` did (or after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        health = httpx.get(server + "/health").json()
+        if health["cancelled"] > before["cancelled"] or time.monotonic() > deadline:
+            return health
+        time.sleep(0.1)
+
+
 def test_a_client_that_leaves_mid_stream_frees_the_model(server):
     before = httpx.get(server + "/health").json()
     body = {"messages": [{"role": "user", "content": "Write a long story about the sea."}], "max_tokens": 400,
@@ -190,14 +200,47 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(server):
         for i, _ in enumerate(response.iter_lines()):
             if i >= 4:
                 break  # hang up after a few chunks
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        health = httpx.get(server + "/health").json()
-        if health["cancelled"] > before["cancelled"]:
-            break
-        time.sleep(0.2)
+    health = health_once_cancelled(server, before, 60)
     assert health["cancelled"] == before["cancelled"] + 1
     assert ask(server, "Hi", max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_client_that_leaves_a_whole_answer_frees_the_model(server):
+    """Not streamed: the client gives up (its timeout) while the answer is generated; the job is cancelled at
+    once instead of generating 400 tokens for nobody."""
+    before = httpx.get(server + "/health").json()
+    body = {"messages": [{"role": "user", "content": "Write a long story about the sea."}], "max_tokens": 400}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=1.5)
+    health = health_once_cancelled(server, before, 10)
+    assert (health["cancelled"], health["answered"]) == (before["cancelled"] + 1, before["answered"])
+    assert ask(server, "Hi", max_tokens=2).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--api-key", "clé-secrète"], "--api-key holds 'é'; a key must be printable ASCII"),
+    (["--api-key", " key "], "starts or ends with a space"),
+    (["--api-key", ""], "--api-key is empty"),
+    (["--allow-origin", "localhost:3000"], "is not an origin"),
+    (["--allow-origin", "http://localhost:3000/"], "no trailing slash"),
+])
+def test_serve_options_that_cannot_work_are_refused_at_start(capsys, options, words):
+    from glmtune.cli import main
+
+    started = time.monotonic()
+    assert main(["serve", "--model", "/nowhere/at/all", *options]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and err.startswith("glmtune: error: ")
+    assert time.monotonic() - started < 5  # before binding or loading anything
+
+
+def test_a_non_ascii_key_in_the_environment_is_refused_too(capsys, monkeypatch):
+    from glmtune.cli import main
+
+    monkeypatch.setenv("GLMTUNE_API_KEY", "ключ")
+    assert main(["serve", "--model", "/nowhere/at/all"]) == 2
+    assert "$GLMTUNE_API_KEY holds 'к'" in capsys.readouterr().err
 
 
 def test_a_taken_port_fails_at_once_before_the_model_loads(capsys):
@@ -215,8 +258,9 @@ def test_a_taken_port_fails_at_once_before_the_model_loads(capsys):
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
 
 
-def test_a_bounded_load_of_200_requests_from_20_clients_has_no_errors(server):
-    """Issue 9's load test, kept short (2 tokens per answer): every request is answered, none fails."""
+def test_a_bounded_load_of_60_requests_from_20_clients_has_no_errors(server):
+    """Issue 9's load test, kept short (60 requests of 2 tokens, three per client; the 200-request run is in
+    docs/benchmarks.md): every request is answered, none fails."""
     def one(i: int) -> str | None:
         try:
             reply = ask(server, f"Say the number {i}.", max_tokens=2, stream=bool(i % 3 == 0))
@@ -228,7 +272,7 @@ def test_a_bounded_load_of_200_requests_from_20_clients_has_no_errors(server):
 
     before = httpx.get(server + "/health").json()["answered"]
     with ThreadPoolExecutor(max_workers=20) as pool:
-        errors = [e for e in pool.map(one, range(200)) if e]
+        errors = [e for e in pool.map(one, range(60)) if e]
     assert errors == []
     health = httpx.get(server + "/health").json()
-    assert health["answered"] - before == 200 and health["waiting"] == 0
+    assert health["answered"] - before == 60 and health["waiting"] == 0

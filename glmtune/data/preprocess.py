@@ -7,6 +7,13 @@ which prompt and answer share: a short side keeps its length and the long side g
 both are long, they split it in proportion to their lengths. Truncation cuts a message's own text from
 its end and keeps the template's scaffolding (so a cut prompt still ends with the generation prompt and
 a cut answer still ends with its end token). Every cut is counted in a TruncationReport.
+
+Message text is plain text in every prompt built for generation (`prompt_ids`: serve, chat, webui, predict,
+eval): a control-token string written in a message (`<|im_start|>`, `<|user|>`, `<sop>`) is tokenized as
+the characters it is, so only the template can start a turn. Training data follows
+`split_special_tokens` (default off: such strings become their control tokens, as Hugging Face chat
+templates and the official scripts do). Either way, text that spells no control token is tokenized exactly
+as before, in one piece with its scaffolding.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from glmtune.data.formats import Message, Sample
-from glmtune.data.templates import Segment, Template
+from glmtune.data.templates import Part, Segment, Template, control_pattern
+from glmtune.errors import GlmtuneError
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -93,9 +101,11 @@ class EncodedSegment:
 
 
 class Encoder:
-    """Tokenizes the segments of one template with one tokenizer."""
+    """Tokenizes the segments of one template with one tokenizer. Safe to call from several threads at once
+    (nothing is locked; the tokenizer is only read)."""
 
-    def __init__(self, tokenizer, template: Template, stop_ids: set[int] | None = None):
+    def __init__(self, tokenizer, template: Template, stop_ids: set[int] | None = None, *,
+                 split_special_tokens: bool = False):
         self.tokenizer = tokenizer
         self.template = template
         eos = tokenizer.eos_token_id
@@ -103,6 +113,9 @@ class Encoder:
             raise ValueError("the tokenizer has no end-of-sequence token")
         self.eos_id = eos
         self.stop_ids = set(stop_ids or ()) | {eos}
+        self.split_special_tokens = split_special_tokens  # training data: message text as plain text too
+        self._controls = control_pattern(tokenizer)
+        self._plain_backend = None  # a copy of a fast tokenizer's backend that reads no special token
 
     def _tokens(self, text: str) -> list[int]:
         if not text:
@@ -113,23 +126,58 @@ class Encoder:
             return self.tokenizer.encode(text, add_special_tokens=False, encode_special_tokens=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _plain_tokens(self, text: str) -> list[int]:
+        """`text` tokenized with no special token read out of it."""
+        if not text or getattr(self.tokenizer, "encode_special_tokens", False):
+            return self._tokens(text)  # (ChatGLM3: see _tokens)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a Python tokenizer: the switch belongs to this call alone
+            return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        # A fast tokenizer's split_special_tokens argument flips a flag on its shared backend, which would race
+        # with other threads' calls; a private copy with the flag always on does not.
+        if self._plain_backend is None:
+            from tokenizers import Tokenizer
+
+            plain = Tokenizer.from_str(backend.to_str())
+            plain.encode_special_tokens = True
+            plain.no_truncation()
+            plain.no_padding()
+            self._plain_backend = plain
+        return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def _text_ids(self, run: list[Part], plain: bool) -> list[int]:
+        """Consecutive text parts tokenized as one text, as always, unless `plain` and a message's text in
+        them spells a control token (or a control token would straddle message text and scaffolding): then
+        each part on its own, message text with no special token read out of it."""
+        text = "".join(p.text for p in run)
+        pattern = self._controls
+        if not plain or pattern is None or not pattern.search(text):
+            return self._tokens(text)
+        written = sum(len(pattern.findall(p.text)) for p in run if not (p.content or p.literal))
+        if not written:  # the template wrote no control token here: all of it is text
+            return self._plain_tokens(text)
+        if len(pattern.findall(text)) == written and not any(pattern.search(p.text) for p in run
+                                                              if p.content or p.literal):
+            return self._tokens(text)  # every control string here is the template's
+        return [t for p in run for t in (self._plain_tokens(p.text) if p.content or p.literal else self._tokens(p.text))]
+
     def _special(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no special token {token!r} that the template needs")
         return token_id
 
-    def encode_segment(self, segment: Segment, *, split: bool) -> EncodedSegment:
+    def encode_segment(self, segment: Segment, *, split: bool, plain: bool = False) -> EncodedSegment:
         """Text between special tokens is tokenized whole unless `split` (needed only when the segment
-        must be cut); special tokens go in by id."""
+        must be cut); special tokens go in by id. `plain`: message text yields no control token."""
         parts: list[tuple[list[int], bool]] = []
         run: list = []  # consecutive text parts
 
         def flush():
             if split:
-                parts.extend((self._tokens(p.text), p.content) for p in run)
+                parts.extend((self._text_ids([p], plain), p.content) for p in run)
             elif run:
-                parts.append((self._tokens("".join(p.text for p in run)), any(p.content for p in run)))
+                parts.append((self._text_ids(run, plain), any(p.content for p in run)))
             run.clear()
 
         for part in segment.parts:
@@ -138,7 +186,7 @@ class Encoder:
                 parts.append(([self._special(part.text)], False))
             elif part.separate:
                 flush()
-                parts.append((self._tokens(part.text), part.content))
+                parts.append((self._text_ids([part], plain), part.content))
             else:
                 run.append(part)
         flush()
@@ -148,23 +196,25 @@ class Encoder:
         return encoded
 
     def prompt_ids(self, messages: list[Message], limits: LengthLimits | None = None) -> tuple[list[int], bool]:
-        """Token ids of the prompt that asks for the next answer, and whether it had to be cut."""
-        segments = self.template.render(messages)
-        ids = [t for s in segments for t in self.encode_segment(s, split=False).ids()]
+        """Token ids of the prompt that asks for the next answer, and whether it had to be cut. Message text
+        is always plain text here: these prompts carry text from whoever is asking."""
+        segments = self.template.render(messages, protect=True)
+        ids = [t for s in segments for t in self.encode_segment(s, split=False, plain=True).ids()]
         budget = _min(limits.max_source_length, limits.cutoff_len) if limits else None
         if budget is None or len(ids) <= budget:
             return ids, False
-        return _cut_prompt([self.encode_segment(s, split=True) for s in segments], budget), True
+        return _cut_prompt([self.encode_segment(s, split=True, plain=True) for s in segments], budget), True
 
     def encode(self, sample: Sample, limits: LengthLimits) -> tuple[dict[str, list[int]], SampleCut]:
         """input_ids and labels for a training sample, and what truncation removed."""
-        turns = _group_turns(self.template.render(sample.messages))
+        plain = self.split_special_tokens
+        turns = _group_turns(self.template.render(sample.messages, protect=plain))
         input_ids: list[int] = []
         labels: list[int] = []
         cut = SampleCut()
         for index, (prompt_segments, answer) in enumerate(turns):
-            prompt = [self.encode_segment(s, split=False) for s in prompt_segments]
-            target = self.encode_segment(answer, split=False) if answer else None
+            prompt = [self.encode_segment(s, split=False, plain=plain) for s in prompt_segments]
+            target = self.encode_segment(answer, split=False, plain=plain) if answer else None
             src_len = sum(len(s) for s in prompt)
             tgt_len = len(target) if target else 0
             remaining = None if limits.cutoff_len is None else limits.cutoff_len - len(input_ids)
@@ -176,7 +226,8 @@ class Encoder:
                 break
             if src_len > src_max:
                 cut.prompt, cut.tokens = True, cut.tokens + src_len - src_max
-                prompt_ids = _cut_prompt([self.encode_segment(s, split=True) for s in prompt_segments], src_max)
+                prompt_ids = _cut_prompt([self.encode_segment(s, split=True, plain=plain) for s in prompt_segments],
+                                         src_max)
             else:
                 prompt_ids = [tok for s in prompt for tok in s.ids()]
             input_ids += prompt_ids
@@ -185,7 +236,7 @@ class Encoder:
                 continue
             if tgt_len > tgt_max:
                 cut.answer, cut.tokens = True, cut.tokens + tgt_len - tgt_max
-                answer_ids = _cut_segment(self.encode_segment(answer, split=True), tgt_max, from_left=False)
+                answer_ids = _cut_segment(self.encode_segment(answer, split=True, plain=plain), tgt_max, from_left=False)
             else:
                 answer_ids = target.ids()
             input_ids += answer_ids
@@ -194,10 +245,11 @@ class Encoder:
 
     def lengths(self, sample: Sample) -> list[tuple[int, int]]:
         """(prompt tokens, answer tokens) of each trained turn, before any truncation."""
+        plain = self.split_special_tokens
         out = []
-        for prompt_segments, answer in _group_turns(self.template.render(sample.messages)):
-            src = sum(len(self.encode_segment(s, split=False)) for s in prompt_segments)
-            out.append((src, len(self.encode_segment(answer, split=False)) if answer else 0))
+        for prompt_segments, answer in _group_turns(self.template.render(sample.messages, protect=plain)):
+            src = sum(len(self.encode_segment(s, split=False, plain=plain)) for s in prompt_segments)
+            out.append((src, len(self.encode_segment(answer, split=False, plain=plain)) if answer else 0))
         return out
 
 
@@ -265,7 +317,10 @@ def encode_samples(samples: list[Sample], encoder: Encoder, limits: LengthLimits
     report = TruncationReport()
     features = []
     for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
-        feature, cut = encoder.encode(sample, limits)
+        try:
+            feature, cut = encoder.encode(sample, limits)
+        except GlmtuneError as e:  # e.g. a conversation the chat template refuses: say which row
+            raise GlmtuneError(f"{sample.where}: {e}" if sample.where else str(e)) from None
         report.add(cut, sample.where)
         features.append(feature)
     return features, report

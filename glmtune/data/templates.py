@@ -4,11 +4,13 @@ A template never tokenizes; it says which text is prompt (no loss), which is ans
 message is), and inside each segment which text is the user's or assistant's own content (the part
 that truncation may cut) and which is template scaffolding (kept whole). Training and generation render
 prompts through the same segments, so a model sees at inference exactly the prompt tokens it was
-trained on.
+trained on. Because content is marked as such, the encoder can keep it plain text: a message that spells
+a control token (`<|im_start|>`, `<|user|>`) cannot start a turn of its own (see Encoder).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from glmtune.data.formats import Message
@@ -21,6 +23,9 @@ class Part:
     content: bool  # True: a message's own text (may be cut); False: template scaffolding (kept whole)
     special: bool = False  # `text` names one special token, inserted by id (tokenizers may not parse it in text)
     separate: bool = False  # tokenized on its own, not joined with its neighbours (as the official code does)
+    # A control-token string that a chat template copied out of a message where the message's text could not
+    # be located (e.g. a system message, or text the template trimmed): message text, though not cuttable.
+    literal: bool = False
 
 
 @dataclass
@@ -43,12 +48,29 @@ def _split_around(text: str, content: str, *, last: bool) -> list[Part]:
     return [p for p in parts if p.text]
 
 
+def control_tokens(tokenizer) -> list[str]:
+    """The strings `tokenizer` may read out of text as control tokens: its special tokens, named and added
+    (longest first). Added tokens that are not special (extra vocabulary) are ordinary words."""
+    names = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    names.update(str(t) for t in added.values() if getattr(t, "special", False))
+    return sorted((n for n in names if n and not n.isspace()), key=len, reverse=True)
+
+
+def control_pattern(tokenizer) -> re.Pattern | None:
+    """A regex for `control_tokens`; case-blind, as some tokenizers lower-case text before matching."""
+    tokens = control_tokens(tokenizer)
+    return re.compile("|".join(map(re.escape, tokens)), re.IGNORECASE) if tokens else None
+
+
 class Template:
     name = "base"
 
-    def render(self, messages: list[Message]) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
         """Segments for a conversation. Ending with an assistant message: prompt, answer, prompt, answer...
-        Ending with a user message: the same, then the prompt that asks for the next answer."""
+        Ending with a user message: the same, then the prompt that asks for the next answer.
+        `protect`: every control-token string written in a message ends up in a content or literal part (the
+        layouts below put message text only in content parts anyway; ChatTemplate needs to be told)."""
         raise NotImplementedError
 
 
@@ -61,7 +83,7 @@ class PlainTemplate(Template):
 
     name = "plain"
 
-    def render(self, messages: list[Message]) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
         segments: list[Segment] = []
         pending: list[Part] = []
         for message in messages:
@@ -80,7 +102,11 @@ class PlainTemplate(Template):
 
 class ChatTemplate(Template):
     """The tokenizer's own chat template (Jinja), split into segments by rendering growing prefixes of
-    the conversation: the text each assistant message adds is its answer segment, the rest is prompt."""
+    the conversation: the text each assistant message adds is its answer segment, the rest is prompt.
+
+    Protected, control-token strings in messages are wrapped in two marker characters before rendering, so
+    that wherever the template copies them (also where a message's text cannot be located: a system message
+    in front of the question, or text the template trimmed) they come out as literal parts, not scaffolding."""
 
     name = "chat"
 
@@ -88,29 +114,92 @@ class ChatTemplate(Template):
         if not getattr(tokenizer, "chat_template", None):
             raise GlmtuneError("this tokenizer has no chat template; use template: plain")
         self.tokenizer = tokenizer
+        self._controls: re.Pattern | None = None
 
-    def _apply(self, messages: list[Message], generation_prompt: bool) -> str:
-        dicts = [{"role": m.role, "content": m.content} for m in messages]
-        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation_prompt)
+    def _apply(self, messages: list[Message], generation_prompt: bool, marks: tuple[str, str] | None) -> str:
+        dicts = [{"role": m.role, "content": self._mark(m.content, marks)} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # the template's own checks (raise_exception): this conversation's fault
+            raise GlmtuneError(f"the model's chat template cannot render this conversation: {e}") from None
 
-    def render(self, messages: list[Message]) -> list[Segment]:
+    def _control_pattern(self) -> re.Pattern | None:
+        if self._controls is None:
+            self._controls = control_pattern(self.tokenizer) or re.compile(r"(?!)")
+        return self._controls
+
+    def _marks(self, messages: list[Message]) -> tuple[str, str] | None:
+        """Two private-use characters that occur neither in the messages nor in the template, or None when
+        no message spells a control token (then nothing is marked and the rendering is the usual one)."""
+        pattern = self._control_pattern()
+        if not any(pattern.search(m.content) for m in messages):
+            return None
+        template = self.tokenizer.chat_template
+        template = template if isinstance(template, str) else "".join(map(str, dict(template).values()))
+        used = set(template).union(*(m.content for m in messages))
+        free = [c for c in map(chr, range(0xE000, 0xF900)) if c not in used][:2]
+        if len(free) < 2:
+            raise GlmtuneError("these messages use every private-use character; glmtune needs two of them free")
+        return free[0], free[1]
+
+    def _mark(self, text: str, marks: tuple[str, str] | None) -> str:
+        if marks is None:
+            return text
+        return self._control_pattern().sub(lambda m: f"{marks[0]}{m.group(0)}{marks[1]}", text)
+
+    @staticmethod
+    def _unmark(parts: list[Part], marks: tuple[str, str] | None) -> list[Part]:
+        """Markers removed; a marked string outside located message text becomes a literal part."""
+        if marks is None:
+            return parts
+        start, end = marks
+        marked = re.compile(f"{re.escape(start)}(.*?){re.escape(end)}", re.DOTALL)
+
+        def clean(text: str) -> str:  # a marker whose partner the template cut away
+            return text.replace(start, "").replace(end, "")
+
+        out: list[Part] = []
+        for part in parts:
+            if part.content:  # all of it is message text anyway
+                out.append(Part(clean(part.text), True))
+                continue
+            at = 0
+            for m in marked.finditer(part.text):
+                out += [Part(clean(part.text[at:m.start()]), False), Part(m.group(1), False, literal=True)]
+                at = m.end()
+            out.append(Part(clean(part.text[at:]), False))
+        return [p for p in out if p.text]
+
+    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
+        marks = self._marks(messages) if protect else None
+
+        def split(text: str, content: str, last: bool) -> list[Part]:
+            return self._unmark(_split_around(text, self._mark(content, marks), last=last), marks)
+
         segments: list[Segment] = []
         done = ""  # text rendered so far
         for i, message in enumerate(messages):
             if message.role != "assistant":
                 continue
-            prompt = self._apply(messages[:i], generation_prompt=True)
-            full = self._apply(messages[: i + 1], generation_prompt=False)
+            full = self._apply(messages[: i + 1], False, marks)
+            if i == 0:  # nothing to render before it: its prompt is what the template writes before its text
+                at = full.find(self._mark(message.content, marks)) if message.content else -1
+                if at < 0:
+                    raise GlmtuneError("the model's chat template cannot start a conversation with an assistant "
+                                       "message; start with a user (or system) message")
+                prompt, asked = full[:at], ""
+            else:
+                prompt, asked = self._apply(messages[:i], True, marks), messages[i - 1].content
             self._check_prefix(done, prompt)
             self._check_prefix(prompt, full)
-            segments.append(Segment(_split_around(prompt[len(done):], messages[i - 1].content, last=True)))
-            segments.append(Segment(_split_around(full[len(prompt):], message.content, last=False),
+            segments.append(Segment(split(prompt[len(done):], asked, True)))
+            segments.append(Segment(split(full[len(prompt):], message.content, False),
                                     answer=True, trainable=message.trainable))
             done = full
         if messages and messages[-1].role != "assistant":
-            prompt = self._apply(messages, generation_prompt=True)
+            prompt = self._apply(messages, True, marks)
             self._check_prefix(done, prompt)
-            segments.append(Segment(_split_around(prompt[len(done):], messages[-1].content, last=True)))
+            segments.append(Segment(split(prompt[len(done):], messages[-1].content, True)))
         return segments
 
     @staticmethod
@@ -155,7 +244,7 @@ class ChatGLMTemplate(Template):
     def __init__(self, gmask: str = "[gMASK]", sop: str = "<sop>"):
         self.gmask, self.sop = gmask, sop
 
-    def render(self, messages: list[Message]) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
         answer, parts, rounds, question = _question_rounds(messages)
         for i, (q, a) in enumerate(rounds):
             parts += [Part(f"[Round {i}]\n问：", False), Part(q, True), Part("\n答：", False), Part(a, True),
@@ -183,7 +272,7 @@ class ChatGLM2Template(Template):
 
     name = "chatglm2"
 
-    def render(self, messages: list[Message]) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
         answer, system, rounds, question = _question_rounds(messages)
         parts = [Part("[gMASK]", False, special=True), Part("sop", False, special=True)] + system
         for i, (q, a) in enumerate(rounds, start=1):
@@ -207,7 +296,7 @@ class ChatGLM3Template(Template):
 
     name = "chatglm3"
 
-    def render(self, messages: list[Message]) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
         segments: list[Segment] = []
         pending = [Part("[gMASK]", False, special=True), Part("sop", False, special=True)]
         for i, message in enumerate(messages):
@@ -237,7 +326,7 @@ class GLM4Template(Template):
 
     name = "glm4"
 
-    def render(self, messages: list[Message]) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
         segments: list[Segment] = []
         pending = [Part("[gMASK]", False, special=True), Part("<sop>", False, special=True)]
         for message in messages:

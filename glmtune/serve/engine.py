@@ -1,8 +1,9 @@
 """One loaded model answering many clients (the API server and the web UI).
 
-Requests are checked and tokenized by the caller's thread, then wait in a first-in-first-out queue; a
-single worker thread generates for one request at a time, so concurrent clients never run over each other
-on the same model. Each request receives its answer as events: text pieces as they are decoded, then one
+Requests are checked and tokenized by the caller's thread (several at once: nothing is locked, so a long
+prompt being tokenized holds up no other request), then wait in a first-in-first-out queue; a single worker
+thread generates for one request at a time, so concurrent clients never run over each other on the same
+model. Message text is plain text: a message that spells a control token cannot forge a turn (Encoder). Each request receives its answer as events: text pieces as they are decoded, then one
 `Finished` (token counts and why it stopped) or one `Failed`. A request can be cancelled at any moment (a
 client that went away): generation stops at the next token.
 """
@@ -25,6 +26,8 @@ from glmtune.models.loader import context_length
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
+LONGEST_ANSWER = 2 ** 31 - 1  # max_tokens beyond this is refused even where the context length is unknown
 
 
 class BadRequest(GlmtuneError):
@@ -177,10 +180,12 @@ class ChatEngine:
         self.context_length = context_length(generator.loaded.model.config)
         self.default_max_tokens = default_max_tokens
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._encode_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self.answered = 0
         self.cancelled = 0
+        # One prompt now: a fast tokenizer's first call may reset padding/truncation settings saved with it;
+        # after that, the concurrent calls of prepare() only read the tokenizer.
+        generator.encoder.prompt_ids([Message("user", "hi")])
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -194,9 +199,12 @@ class ChatEngine:
                                  f"{', '.join(ROLES)}", f"messages[{i}].role")
         if request.messages[-1].role != "user":
             raise BadRequest("the last message must be the user's: the model answers it", "messages")
+        if request.seed is not None and not SEEDS[0] <= request.seed <= SEEDS[1]:
+            raise BadRequest(f"seed must be between {SEEDS[0]} and {SEEDS[1]}", "seed")
+        if request.max_tokens is not None and not 1 <= request.max_tokens <= LONGEST_ANSWER:
+            raise BadRequest(f"max_tokens must be between 1 and {LONGEST_ANSWER}", "max_tokens")
         try:
-            with self._encode_lock:
-                prompt_ids, _ = self.generator.encoder.prompt_ids(request.messages)
+            prompt_ids, _ = self.generator.encoder.prompt_ids(request.messages)
         except GlmtuneError as e:
             raise BadRequest(str(e), "messages") from None
         limit = self.context_length

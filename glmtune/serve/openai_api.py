@@ -5,6 +5,12 @@ needed; for readiness checks). Errors use OpenAI's JSON shape, `{"error": {"mess
 "code"}}`, so OpenAI clients raise their usual exceptions: 400 for a request that cannot be answered as
 asked, 401 for a missing or wrong key, 503 when the queue is full, 500 when generation itself failed.
 The request's `model` field is not checked: one server serves one model, whatever a client calls it.
+
+Every request passes a guard first (pure ASGI, see _Guard): the `Host` header must name this server
+(DNS rebinding), a browser's `Origin` must be this server or one given with `--allow-origin` (no CORS
+headers otherwise), the key must match on every route but /health, a POST must be JSON (a web page cannot
+send JSON to another site without the server's consent), and a body may not exceed `--max-body-bytes`
+nor take longer than `--read-timeout` to arrive.
 """
 
 from __future__ import annotations
@@ -22,39 +28,66 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from glmtune.data.formats import Message
 from glmtune.serve.engine import BadRequest, Busy, ChatEngine, ChatRequest, Failed, Finished
+from glmtune.serve.network import AllowedHosts, host_name
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+# A conversation that fills a 128k-token context is about 0.5 MB of English or 1.2 MB of Chinese as JSON
+# (escaped as \uXXXX); 4 MiB leaves room for that and refuses what no context could hold.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's head, and again for its body, to arrive
 
 
-class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Strict(BaseModel):
+    # Unknown fields are refused, as by OpenAI: a field this server ignored would change nothing silently.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class _MessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _MessageIn(_Strict):
     role: str
     content: str | list[_TextPart]
     name: str | None = None
+    # What an OpenAI client sends back with an earlier answer; accepted only empty.
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: list[Any] | None = None
 
 
-class _StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+class _StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
 
 
-class ChatCompletionBody(BaseModel):
-    """The request body. Validated strictly from JSON: no numbers as strings, no strings as numbers.
-    Fields OpenAI defines that this server does not implement are accepted only at their neutral value."""
+# OpenAI fields this server does not implement, each accepted only at a value that changes nothing here.
+NEUTRAL: dict[str, tuple] = {
+    "n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",), "modalities": (["text"],), "audio": (), "prediction": (),
+    "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+}
+MESSAGE_NEUTRAL: dict[str, tuple] = {"name": (), "refusal": (), "tool_calls": ([],), "function_call": (),
+                                     "audio": (), "annotations": ([],)}
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+
+class ChatCompletionBody(_Strict):
+    """The request body. Validated strictly from JSON: no numbers as strings, no strings as numbers, no
+    unknown fields. Fields OpenAI defines that this server does not implement are accepted only at their
+    neutral value (NEUTRAL); bookkeeping fields that do not change an answer (user, metadata, store,
+    service_tier, prompt_cache_key, safety_identifier) are accepted and not used."""
+
     model: str | None = None
     messages: list[_MessageIn] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -62,27 +95,53 @@ class ChatCompletionBody(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: _StreamOptions | None = None
     seed: int | None = None
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # about tool calls, which never happen here
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     def to_request(self) -> ChatRequest:
-        for name, neutral in (("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0), ("logprobs", False)):
+        for name, neutral in NEUTRAL.items():
             value = getattr(self, name)
-            if value is not None and value != neutral:
-                raise BadRequest(f"{name} {value!r} is not supported by this server (only {neutral!r})", name)
-        if self.tools:
-            raise BadRequest("tools are not supported by this server", "tools")
+            if value is not None and value not in neutral:
+                allowed = f" (only {' or '.join(json.dumps(v) for v in neutral)})" if neutral else ""
+                raise BadRequest(f"{name} {json.dumps(value)[:80]} is not supported by this server{allowed}", name)
+        options = self.stream_options
+        if options is not None and options.include_obfuscation:
+            raise BadRequest("stream_options.include_obfuscation is not supported by this server",
+                             "stream_options.include_obfuscation")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise BadRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
         messages = []
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
+            for name, neutral in MESSAGE_NEUTRAL.items():
+                if getattr(m, name) is not None and getattr(m, name) not in neutral:
+                    raise BadRequest(f"messages[{i}].{name} is not supported by this server",
+                                     f"messages[{i}].{name}")
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
             messages.append(Message(m.role, content))
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -100,31 +159,113 @@ def _error(status: int, message: str, *, kind: str = "invalid_request_error", pa
 
 
 def _validation_message(error: ValidationError) -> tuple[str, str | None]:
-    """The first problem as `messages[0].content: Input should be ...`; pydantic's union-member tags
-    (`str`, `list[_TextPart]`) are left out of the field path."""
-    first = error.errors(include_url=False)[0]
+    """The most specific problem as `messages[0].content: Input should be ...` (of a union, the member that
+    got furthest); pydantic's union-member tags (`str`, `list[_TextPart]`) are left out of the field path."""
+    first = max(error.errors(include_url=False), key=lambda e: len(e["loc"]))  # the first of the deepest
     where = ""
     for part in first["loc"]:
         if isinstance(part, int):
             where += f"[{part}]"
         elif part.isidentifier() and part not in ("str", "int", "float", "bool"):
             where += f".{part}" if where else part
-    return (f"{where}: {first['msg']}" if where else first["msg"]), where or None
+    message = "unrecognized parameter" if first["type"] == "extra_forbidden" else first["msg"]
+    return (f"{where}: {message}" if where else message), where or None
 
 
-def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None):
-    created = int(time.time())
-    app = FastAPI(title="glmtune", description=f"OpenAI-compatible API serving {model_name}", version="1")
+class _Refused(Exception):
+    """A request refused while its body was read (413, 408)."""
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _read_body(receive, limit: int, timeout: float) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes and (408) if it has not all arrived
+    within `timeout` seconds: a slow or endless upload cannot hold a connection and its memory."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    body = bytearray()
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+        except asyncio.TimeoutError:
+            raise _Refused(408, f"the request body did not arrive within {timeout:g} s", "request_timeout") from None
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise _Refused(413, f"the request body is larger than this server's limit of {limit} bytes "
+                                "(glmtune serve --max-body-bytes)", "request_too_large")
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+class _Guard:
+    """Pure ASGI middleware that checks a request before any route sees it. (Starlette's BaseHTTPMiddleware,
+    which @app.middleware("http") builds, would keep the route from noticing that its client went away.)"""
+
+    def __init__(self, app, *, hosts: AllowedHosts | None, origins: tuple[str, ...], api_key: str | None,
+                 max_body_bytes: int, cors: bool):
+        self.app, self.hosts, self.origins, self.max_body_bytes, self.cors = app, hosts, origins, max_body_bytes, cors
+        self.key = api_key.encode() if api_key else None
+
+    def problem(self, scope) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if self.hosts is not None and not self.hosts.allows(host):
+            return _error(400, f"this server does not answer for host {host_name(host or '')!r}; start it with "
+                               f"--allowed-host NAME to allow a name", code="invalid_host")
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin, host):
+            return _error(403, f"requests from web pages at {origin[:100]!r} are not allowed; start the server with "
+                               f"--allow-origin ORIGIN to allow them", code="origin_not_allowed")
+        if scope["method"] == "OPTIONS" and self.cors:
+            return None  # a CORS preflight: never carries the key; CORSMiddleware answers it
+        if self.key is not None and scope["path"] != "/health":
+            header = headers.get("authorization", "").encode("latin-1")
+            given = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
                 return _error(401, "missing or wrong API key: send it as the header 'Authorization: Bearer KEY'",
                               code="invalid_api_key")
-        return await call_next(request)
+        if scope["method"] == "POST":
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                return _error(415, f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                                   f"(got {media[:60] or 'none'!r})", code="unsupported_media_type")
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                return _error(413, f"the request body ({int(length)} bytes) is larger than this server's limit of "
+                                   f"{self.max_body_bytes} bytes (glmtune serve --max-body-bytes)",
+                              code="request_too_large")
+        return None
+
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        if "*" in self.origins or origin in self.origins:
+            return True
+        # the page is this server's own (e.g. /docs): its origin names the host the request was sent to
+        scheme, _, rest = origin.partition("://")
+        return scheme in ("http", "https") and host is not None and rest.lower() == host.strip().lower()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refused = self.problem(scope)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, *,
+               hosts: AllowedHosts | None = None, allow_origins: tuple[str, ...] = (),
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT):
+    """The API as an ASGI app. `hosts`: the Host values answered (None: any; serve() always gives them)."""
+    created = int(time.time())
+    app = FastAPI(title="glmtune", description=f"OpenAI-compatible API serving {model_name}", version="1")
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -132,7 +273,13 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
-        return _error(400, str(exc.errors()[0].get("msg", exc)) if exc.errors() else "invalid request")
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return _error(400, str(first.get("msg", "invalid request")), param=where)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):  # logged by Starlette; the client gets OpenAI's shape, not plain text
+        return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "glmtune"}
@@ -157,7 +304,12 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None):
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ChatCompletionBody.model_json_schema()}}}})
     async def chat_completions(request: Request):
-        raw = await request.body()
+        try:
+            raw = await _read_body(request.receive, max_body_bytes, read_timeout)
+        except _Refused as e:
+            return _error(e.status, str(e), code=e.code)
+        except _ClientGone:
+            return _error(499, "client went away")
         try:
             body = ChatCompletionBody.model_validate_json(raw)
             chat = body.to_request()
@@ -173,7 +325,7 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None):
         def deliver(event) -> None:  # called from the engine's worker thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        try:
+        try:  # tokenizing runs in the thread pool, beside other requests' (the engine locks nothing)
             job = await run_in_threadpool(engine.prepare, chat, deliver)
             engine.submit(job)
         except BadRequest as e:
@@ -183,22 +335,29 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None):
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         stamp = int(time.time())
-        if body.stream:
+        if body.stream:  # StreamingResponse notices a client that goes away, and _sse cancels the job
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(job, events, completion_id, stamp, model_name, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+        # A whole answer: watch the connection meanwhile, and cancel the job the moment the client is gone,
+        # whether it still waits in the queue or is being generated.
+        gone = object()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
+            events.put_nowait(gone)
+
+        watcher = asyncio.create_task(watch())
         pieces: list[str] = []
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()  # nobody is waiting for the answer any more
-                        return _error(499, "client went away")
-                    continue
+                event = await events.get()
+                if event is gone:
+                    return _error(499, "client went away")
                 if isinstance(event, str):
                     pieces.append(event)
                 elif isinstance(event, Failed):
@@ -206,6 +365,7 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None):
                 else:
                     break
         finally:
+            watcher.cancel()
             job.cancel()  # no effect once finished; frees the model if this handler was cancelled
         return {
             "id": completion_id, "object": "chat.completion", "created": stamp, "model": model_name,
@@ -214,7 +374,15 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None):
             "usage": _usage(event),
         }
 
-    return app
+    guarded = _Guard(app, hosts=hosts, origins=tuple(allow_origins), api_key=api_key,
+                     max_body_bytes=max_body_bytes, cors=bool(allow_origins))
+    if not allow_origins:
+        return guarded
+    from starlette.middleware.cors import CORSMiddleware
+
+    # Outside the guard: a preflight gets its answer, and the guard's refusals carry the CORS headers too.
+    return CORSMiddleware(guarded, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                          allow_headers=["authorization", "content-type"])
 
 
 def _usage(finished: Finished) -> dict[str, int]:
@@ -255,14 +423,77 @@ async def _sse(job, events: asyncio.Queue, completion_id: str, stamp: int, model
         job.cancel()
 
 
-def serve(engine: ChatEngine, model_name: str, *, sock, api_key: str | None = None,
-          log_level: str = "warning") -> None:
-    """Runs the API on an already bound socket (glmtune.serve.network.listen) until Ctrl-C or SIGTERM."""
+def _protocol(head_timeout: float):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's head (request line and headers):
+    uvicorn closes idle keep-alive connections, but waits forever for a client that sends half a head and
+    stops. Malformed requests get OpenAI's error shape too."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_head()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _watch_head(self) -> None:
+            if not self._between_requests():
+                self._stop_head_timer()
+            elif self._head_timer is None and not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(head_timeout, self._head_late)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self._between_requests():
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": "invalid HTTP request", "type": "invalid_request_error",
+                                         "param": None, "code": None}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return Protocol
+
+
+def make_server(engine: ChatEngine, model_name: str, *, api_key: str | None = None,
+                hosts: AllowedHosts | None = None, allow_origins: tuple[str, ...] = (),
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                log_level: str = "warning"):
+    """A uvicorn.Server for the API (not started); see create_app for the options."""
     import uvicorn
 
-    app = create_app(engine, model_name, api_key)
-    config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    app = create_app(engine, model_name, api_key, hosts=hosts, allow_origins=allow_origins,
+                     max_body_bytes=max_body_bytes, read_timeout=read_timeout)
+    config = uvicorn.Config(app, http=_protocol(read_timeout), log_level=log_level, access_log=log_level == "debug",
+                            timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def serve(engine: ChatEngine, model_name: str, *, sock, **options) -> None:
+    """Runs the API on an already bound socket (glmtune.serve.network.listen) until Ctrl-C or SIGTERM;
+    `options` as make_server's."""
+    server = make_server(engine, model_name, **options)
     engine.start()
     try:
         server.run(sockets=[sock])
