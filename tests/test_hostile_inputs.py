@@ -1,5 +1,6 @@
 """Hostile inputs, on purpose, for every command: each case builds its bad input in tmp_path, runs
-`python -m glmtune ...` in a subprocess (so "no traceback" is proven on the real stderr) and expects
+`python -m glmtune ...` as its own process (forked from one that has done the imports once,
+tests/forked_cli.py; so "no traceback" is proven on the real stderr and exit status) and expects
 
 - exit status 2,
 - stderr's last non-empty line starting `glmtune: error: ` (argparse's own `glmtune CMD: error: ` for option
@@ -31,7 +32,7 @@ from typing import Callable
 
 import pytest
 
-pytestmark = pytest.mark.slow  # about 70 subprocesses, most of them a few seconds each: 3-4 minutes
+pytestmark = pytest.mark.slow  # about 70 processes (forked: tests/forked_cli.py), most well under a second
 
 GOOD_ROW = {"context": "What is 2 + 2?", "target": "4"}
 TEN_MB = 10 * 1024 * 1024
@@ -40,6 +41,16 @@ TEN_MB = 10 * 1024 * 1024
 # ---------------------------------------------------------------------------------------------------------
 # What the cases build from: tiny models and adapters made once per module (adapters are written by the
 # methods themselves, untrained: these cases only need their shape)
+
+
+@pytest.fixture(scope="module")
+def forked_cli():
+    """Each case is its own `python -m glmtune` process, forked from one that has done the imports."""
+    from forked_cli import ForkedCli
+
+    server = ForkedCli()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -685,14 +696,12 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("build, prefix", CASES)
-def test_hostile_input_is_refused_cleanly(build, prefix, tmp_path, assets):
+def test_hostile_input_is_refused_cleanly(build, prefix, tmp_path, assets, forked_cli):
     made = Case(tmp_path, assets)
     words, expected = build(made)
     before = _snapshot(tmp_path)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "glmtune", *map(str, words)], cwd=tmp_path,
-                            env={**os.environ, **made.env},
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=240)
+    result = forked_cli.run(words, cwd=tmp_path, env={**os.environ, **made.env}, timeout=240)
     took = time.monotonic() - started
     where = f"glmtune {' '.join(map(str, words))[:300]}\n--- stderr ({took:.1f} s):\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr, where
