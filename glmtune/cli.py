@@ -46,7 +46,9 @@ _non_negative_float = _number(float, 0)
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f"checkpoint folder or alias (default: the adapter's base model, else {DEFAULT_MODEL})")
-    parser.add_argument("--adapter", default=None, help="adapter folder written by glmtune train (OUT/adapter or OUT/best)")
+    parser.add_argument("--adapter", default=None,
+                        help="adapter folder written by glmtune train (OUT/adapter or OUT/best), or a plain peft LoRA "
+                             "folder (adapter_config.json + adapter_model.*; name its base with --model)")
     parser.add_argument("--template", default=None, choices=TEMPLATE_CHOICES,
                         help="prompt format (default: the adapter's, else auto)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
@@ -58,6 +60,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pre-seq-len", type=_positive_int, default=None,
                         help="prefix length of an official P-Tuning checkpoint given as --adapter "
                              "(glmtune adapters record their own)")
+    _add_prompt_template_argument(parser, "the adapter's prompt_template, else none; chat, serve and webui fill "
+                                          "its one field with the typed message")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -85,6 +89,12 @@ def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--response-column", default=None, help="read answers from this column")
 
 
+def _add_prompt_template_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--prompt-template", default=None, metavar="TEXT",
+                        help="write each prompt from the row's fields, e.g. '问：{instruction}\\n答：'; '' for none "
+                             f"(default: {default}; docs/data.md#prompt_template)")
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="JSON/JSONL file with answers, in any format train accepts")
@@ -101,8 +111,23 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_sampling_arguments(parser, 256)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every --multi-word-option is also accepted as --multi_word_option (the spelling of the tutorials'
+    scripts), on every command: a second, hidden flag for the same value. Subcommand parsers are this class too
+    (argparse makes them of the parent's class)."""
+
+    def add_argument(self, *names, **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        underscored = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+        underscored = [n for n in underscored if n not in names]  # train's options name both spellings already
+        if underscored and not kwargs.get("required"):
+            super().add_argument(*underscored, **{**kwargs, "dest": action.dest, "help": argparse.SUPPRESS})
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glmtune", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = _Parser(prog="glmtune", description=__doc__.splitlines()[0], allow_abbrev=False,
+                     epilog="Every --multi-word-option may also be written with underscores (--max_new_tokens).")
     parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs (transformers' too)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -113,12 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
         usage="glmtune train [CONFIG.yaml|.json] [key=value ...] [--option VALUE ...]",
         description="Fine-tune a model. Options come from an optional YAML/JSON config file, then key=value "
                     "words, then --flags (later wins): `glmtune train run.yaml max_steps=50 --learning-rate 1e-4`. "
-                    "Every option below can be written in any of the three ways.")
+                    "Every option below can be written in any of the three ways. The option names of the ChatGLM "
+                    "tutorials and transformers' TrainingArguments (per_device_train_batch_size, fp16, "
+                    "model_name_or_path ...) are read as glmtune's, each with a note (docs/training.md).")
     add_arguments(train, TrainConfig)
     train.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
                        help="train data-parallel in N processes on this machine (one per GPU; gloo on the CPU): "
                             "runs this command under torchrun; batch_size is per process, so the global batch is "
                             "N x batch_size (default: 1; several machines: docs/distributed.md)")
+    train.add_argument("--train-args-file", "--train_args_file", dest="train_args_file", default=None, metavar="FILE",
+                       help="a tutorial's TrainingArguments JSON, read as the config file (the tutorials' and "
+                            "TrainingArguments' option names are read as glmtune's: docs/training.md); instead of "
+                            "CONFIG, not with it")
+    train.add_argument("--dry-run", "--dry_run", action="store_true", dest="dry_run",
+                       help="check the config without loading weights or writing anything: read the model "
+                            "folder's config.json and tokenizer and the data, check output_dir, and print the "
+                            "resolved options, trainable parameters, data and cut counts, steps and what a run "
+                            "would write")
 
     predict = commands.add_parser("predict", allow_abbrev=False, help="answer every row of a data file",
                                   description="Batched generation (greedy unless --temperature > 0) with left "
@@ -215,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "P-Tuning v2 adapter becomes one small prefix file (projection folded in) plus its parameters, "
                     "which predict, chat, serve and webui load with --adapter. Merged and base+adapter answers are "
                     "compared on a few prompts unless --no-check.")
-    export.add_argument("--adapter", required=True, help="adapter folder written by glmtune train (OUT/adapter or OUT/best)")
+    export.add_argument("--adapter", required=True,
+                        help="adapter folder written by glmtune train (OUT/adapter or OUT/best), or a plain peft LoRA "
+                             "folder (adapter_config.json + adapter_model.*; name its base with --model)")
     export.add_argument("--model", default=None, help="base checkpoint folder or alias (default: the adapter's base model)")
     export.add_argument("--output", required=True, help="folder to write (must not exist, or be empty, unless --overwrite)")
     export.add_argument("--merge", action="store_true", help="LoRA only: fold the adapter into the base weights")
@@ -249,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training data (any format train accepts)")
     bench.add_argument("--steps", type=_positive_int, default=10, metavar="N",
                        help="timed optimizer steps (default: 10)")
-    bench.add_argument("--warmup-steps", type=_positive_int, default=2, metavar="N",
+    bench.add_argument("--warmup-steps", dest="bench_warmup_steps", type=_positive_int, default=2, metavar="N",
                        help="optimizer steps before timing starts (default: 2)")
     bench.add_argument("--recipe", default="both", choices=("both",) + ("glmtune", "tutorial"),
                        help="which recipe(s) to run (default: both, side by side)")
@@ -262,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "num_train_epochs", "eval_steps", "eval_each_epoch", "eval_on_start",
                                             "metric_for_best", "early_stopping_patience", "eval_max_new_tokens",
                                             "eval_generate", "save_steps", "save_total_limit", "logging_steps",
+                                            "save_strategy", "warmup_steps",
                                             "report_to", "max_eval_samples", "eval_batch_size"))
 
     data = commands.add_parser("data", help="validate, measure and split data files")
@@ -270,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.add_argument("--no-answers", action="store_true", help="the rows are prediction inputs (answers optional)")
     _add_column_arguments(validate)
+    _add_prompt_template_argument(validate, "none")
     stats = data_commands.add_parser("stats", allow_abbrev=False,
                                      help="token lengths and what length limits would cut")
     stats.add_argument("file")
@@ -280,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--cutoff-len", type=_positive_int, default=None)
     stats.add_argument("--json", action="store_true", help="print the numbers as JSON")
     _add_column_arguments(stats)
+    _add_prompt_template_argument(stats, "none")
     split = data_commands.add_parser("split", allow_abbrev=False, help="reproducible train/dev split")
     split.add_argument("file")
     split.add_argument("--dev-ratio", type=float, default=0.1, help="share of rows for dev (default: 0.1)")
@@ -310,6 +351,11 @@ def _cmd_train(args, unknown, argv: list[str]) -> int:
     flags = [w for w in unknown if w.startswith("-")]
     words = [w for w in unknown if not w.startswith("-")]
     config = config_from_args(TrainConfig, args, words, flags)  # bad options stop here, before any launch
+    if args.dry_run:  # in this one process, whatever --nproc says (it only changes the step count)
+        from glmtune.train.dry_run import dry_run
+
+        print(dry_run(config, processes=args.nproc).render(), end="")
+        return 0
     if args.nproc > 1:  # what can be checked without the model is checked once, here, before any launch
         from glmtune.train.distributed import check_deepspeed
         from glmtune.train.trainer import check_output_dir, check_report_to
@@ -341,7 +387,7 @@ def _cmd_bench(args, unknown) -> int:
 
         check_output_file(args.json_file, overwrite=args.overwrite_json, inputs=[config.train_file], option="--json")
     recipes = RECIPES if args.recipe == "both" else (args.recipe,)
-    summary = run_bench(BenchSettings(config, args.steps, args.warmup_steps, recipes), in_process=args.in_process)
+    summary = run_bench(BenchSettings(config, args.steps, args.bench_warmup_steps, recipes), in_process=args.in_process)
     if args.json_file:
         from glmtune.files import write_text
 
@@ -367,6 +413,18 @@ def _generator(args):
     return Generator(loaded, template, limits)
 
 
+def _prompt_template(args, *, typed: bool = False) -> str | None:
+    """--prompt-template, else the adapter's; `typed`: for chat, serve and webui, which fill its one field."""
+    from glmtune.data.prompt_template import chat_template_field
+    from glmtune.methods.adapter import prompt_template_for
+
+    template = prompt_template_for(args.prompt_template, args.adapter, args.model)
+    if typed and template:
+        chat_template_field(template, "--prompt-template" if args.prompt_template else
+                            "the adapter's prompt_template")
+    return template
+
+
 def _sampling(args):
     from glmtune.evaluate.generate import Sampling
 
@@ -381,7 +439,7 @@ def _cmd_predict(args) -> int:
     # Check the output and read and validate the input before spending time on loading the model.
     check_output_file(args.output, overwrite=args.overwrite, inputs=[args.input])
     samples, _ = load_samples(args.input, prompt_column=args.prompt_column, response_column=args.response_column,
-                              require_answer=False)
+                              require_answer=False, prompt_template=_prompt_template(args))
     answers = write_predictions(_generator(args), samples, args.output, batch_size=args.batch_size,
                                 sampling=_sampling(args))
     print(f"wrote {len(answers)} predictions to {args.output}")
@@ -395,7 +453,8 @@ def _eval_settings(args):
                         template=args.template, task=args.task, batch_size=args.batch_size, sampling=_sampling(args),
                         seed=args.seed, max_samples=args.max_samples, max_source_length=args.max_source_length,
                         dtype=args.dtype, quantization=args.quantization_bit, pre_seq_len=args.pre_seq_len,
-                        prompt_column=args.prompt_column, response_column=args.response_column)
+                        prompt_column=args.prompt_column, response_column=args.response_column,
+                        prompt_template=args.prompt_template)
 
 
 def _cmd_eval(args) -> int:
@@ -438,7 +497,8 @@ def _cmd_chat(args) -> int:
     from glmtune.serve.chat import chat_loop
     from glmtune.serve.engine import ChatEngine
 
-    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens)
+    template = _prompt_template(args, typed=True)
+    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens, prompt_template=template)
     try:
         chat_loop(engine, keep_history=not args.no_history, system=args.system, sampling=_sampling(args))
     finally:
@@ -493,10 +553,12 @@ def _cmd_serve(args) -> int:
     if not api_key and not is_loopback(args.host):
         log.warning("listening on %s without --api-key: anyone who can reach this machine can use the model",
                     args.host)
+    template = _prompt_template(args, typed=True)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
     generator = _generator(args)
     name = _served_name(args)
-    engine = ChatEngine(generator, default_max_tokens=args.max_new_tokens, max_queue=args.max_queue)
+    engine = ChatEngine(generator, default_max_tokens=args.max_new_tokens, max_queue=args.max_queue,
+                        prompt_template=template)
     print(f"glmtune: serving {name} at {url(args.host, sock.getsockname()[1])}/v1 (OpenAI-compatible; Ctrl-C stops)",
           flush=True)
     serve(engine, name, sock=sock, api_key=api_key, hosts=allowed_hosts(args.host, args.allowed_host),
@@ -517,10 +579,11 @@ def _cmd_webui(args) -> int:
 
     if not is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this machine can use the chat page", args.host)
+    template = _prompt_template(args, typed=True)
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     sock.close()  # Gradio binds the port itself; held until here so a taken port fails before loading
-    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens)
+    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens, prompt_template=template)
     launch(engine, host=args.host, port=port, title=_served_name(args), system=args.system,
            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
            repetition_penalty=args.repetition_penalty,
@@ -550,6 +613,10 @@ def _cmd_data(args) -> int:
 
     columns = {"prompt_column": args.prompt_column, "response_column": args.response_column} \
         if hasattr(args, "prompt_column") else {}
+    if getattr(args, "prompt_template", None):
+        from glmtune.data.prompt_template import check_template
+
+        columns["prompt_template"] = check_template(args.prompt_template, "--prompt-template")
     if args.data_command == "validate":
         samples, fmt = load_samples(args.file, require_answer=not args.no_answers, **columns)
         turns = sum(sum(m.role == "assistant" and m.trainable for m in s.messages) for s in samples)
@@ -621,7 +688,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _cmd_bench(args, unknown)
         return _cmd_data(args)
-    except (GlmtuneError, OSError) as e:
+    except (GlmtuneError, OSError, RuntimeError, MemoryError) as e:
+        if isinstance(e, (RuntimeError, MemoryError)):  # torch.OutOfMemoryError is a RuntimeError
+            from glmtune.oom import last_resort_message
+
+            message = last_resort_message(e, args.command)
+            if message is None:  # any other error is a bug: keep its traceback
+                raise
+            e = GlmtuneError(message)
         if isinstance(e, OSError):
             if e.errno != errno.ENAMETOOLONG:  # any other OSError is a bug: keep its traceback
                 raise

@@ -3,13 +3,14 @@
 One flat namespace of keys (``max_steps``), grouped into dataclasses by layer for readability. The
 same key can be given in a config file (``max_steps: 50``), as a flag (``--max-steps 50`` or
 ``--max_steps 50``) or as ``max_steps=50``; later sources win: defaults < file < command line.
-Unknown keys are errors that name the closest valid key.
+Unknown keys are errors that name the closest valid key; the option names of the ChatGLM tutorials and
+transformers' TrainingArguments are read as glmtune's (glmtune/tutorial_names.py).
 """
 
 import argparse
 import dataclasses
-import difflib
 import json
+import logging
 import math
 import types
 import typing
@@ -22,6 +23,8 @@ import yaml
 from glmtune.errors import GlmtuneError, one_line, shown
 from glmtune.files import MAX_NESTING, NestingError, loads, read_text
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3", "glm4")
 DEFAULT_LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "ptuning": 2e-2}
@@ -31,10 +34,17 @@ BEST_METRICS = ("eval_loss", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rou
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-           maximum: float | None = None, above: float | None = None) -> Any:
-    """A dataclass field that documents itself and knows its valid range."""
-    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above}
+           maximum: float | None = None, above: float | None = None, check: Any = None) -> Any:
+    """A dataclass field that documents itself and knows its valid range (`check(value, name)` raises
+    GlmtuneError for a value of the right type that still cannot work)."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above, "check": check}
     return field(default=default, metadata=meta)
+
+
+def _check_prompt_template(value: str, source: str) -> None:
+    from glmtune.data.prompt_template import check_template  # depends on nothing but glmtune.errors
+
+    check_template(value, f"{source}: prompt_template")
 
 
 @dataclass
@@ -69,6 +79,10 @@ class DataOptions:
     dev_file: str | None = option(None, "Development data in the same formats; evaluated for eval loss and the best adapter.")
     prompt_column: str | None = option(None, "Read the prompt from this column (e.g. ADGEN's content).")
     response_column: str | None = option(None, "Read the answer from this column (e.g. ADGEN's summary).")
+    prompt_template: str | None = option(None, "Write each single-turn row's prompt from its fields, e.g. "
+                                         "'问：{instruction}\\n补充信息：{input}\\n答：' ({{ and }} are literal braces); "
+                                         "the adapter records it, and predict, eval, chat, serve and webui use it "
+                                         "(docs/data.md#prompt_template).", check=_check_prompt_template)
     max_source_length: int | None = option(None, "Longest prompt in tokens (as in the ChatGLM tutorials); longer prompts are cut and counted.", minimum=1)
     max_target_length: int | None = option(None, "Longest answer in tokens, its end token included; longer answers are cut and counted.", minimum=2)
     cutoff_len: int = option(1024, "Longest whole sample in tokens; prompt and answer share it when both are long.", minimum=2)
@@ -99,7 +113,9 @@ class MethodOptions:
     lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank.", above=0)
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.99)
     lora_target: str = option("auto", "Modules to adapt: auto (the family's default), all-linear, or comma-separated names.")
-    pre_seq_len: int = option(128, "P-Tuning v2: prefix length in tokens (the official tutorials use 128).", minimum=1)
+    pre_seq_len: int = option(128, "P-Tuning v2: prefix length in tokens (the official tutorials use 128); given "
+                              "without method, it selects method ptuning, as the official ptuning/ scripts do.",
+                              minimum=1)
     prefix_projection: bool = option(False, "P-Tuning v2: produce the prefix through a two-layer MLP (more parameters) "
                                      "instead of training it directly.")
     prefix_hidden_size: int | None = option(None, "P-Tuning v2: width of that MLP; default the model's hidden size.",
@@ -116,10 +132,16 @@ class TrainingOptions:
     batch_size: int = option(4, "Training samples per device per step.", minimum=1)
     eval_batch_size: int = option(8, "Samples per device per evaluation step.", minimum=1)
     gradient_accumulation_steps: int = option(1, "Batches accumulated into one optimizer step.", minimum=1)
-    learning_rate: float | None = option(None, "Peak learning rate of AdamW; default 2e-4 for LoRA and QLoRA, 2e-2 "
+    learning_rate: float | None = option(None, "Peak learning rate of the optimizer; default 2e-4 for LoRA and QLoRA, 2e-2 "
                                          "for P-Tuning v2 (the official recipes).", above=0)
     lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
     warmup_ratio: float = option(0.0, "Fraction of the steps spent warming the learning rate up from 0.", minimum=0, maximum=1)
+    warmup_steps: int = option(0, "Steps spent warming the learning rate up from 0 (a count; give this or "
+                               "warmup_ratio, not both).", minimum=0)
+    optim: str = option("adamw_torch", "Optimizer: adamw_torch (AdamW), adafactor (less memory: no full second "
+                        "moments), adamw_8bit or paged_adamw_8bit (AdamW with 8-bit states, through bitsandbytes; "
+                        "paged needs CUDA, elsewhere it runs unpaged).",
+                        choices=("adamw_torch", "adafactor", "adamw_8bit", "paged_adamw_8bit"))
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 turns clipping off).", minimum=0)
     nonfinite: str = option("skip", "A step whose loss or gradients are NaN or infinite: skip (drop its update, count "
@@ -139,6 +161,9 @@ class TrainingOptions:
                                       "eval_generate needs answers.", minimum=1)
     eval_generate: bool = option(False, "After training, answer dev_file with the base and the trained model and "
                                  "write OUT/report.md (what `glmtune compare` does).")
+    save_strategy: str = option("steps", "When resumable checkpoints are written: steps (every save_steps, and at "
+                                "the end), epoch (at the end of each epoch), or no (never; OUT/adapter is still "
+                                "written, but the run cannot be resumed).", choices=("steps", "epoch", "no"))
     save_steps: int = option(200, "Write a resumable checkpoint every N steps (one is also written at the end).", minimum=1)
     save_total_limit: int = option(2, "Keep at most this many checkpoints.", minimum=1)
     precision: str = option("auto", "auto: fp32 on CPU, bf16 (else fp16) mixed precision on GPU.",
@@ -232,13 +257,15 @@ def _check_range(key: str, value: Any, f: dataclasses.Field, source: str) -> Non
         raise GlmtuneError(f"{source}: {key} must be at most {meta['maximum']}; got {shown(value)}")
     if meta.get("above") is not None and value <= meta["above"]:
         raise GlmtuneError(f"{source}: {key} must be greater than {meta['above']}; got {shown(value)}")
+    if meta.get("check"):
+        meta["check"](value, source)
 
 
 def unknown_key_error(key: str, valid: list[str], source: str) -> GlmtuneError:
+    from glmtune.tutorial_names import hint  # knows the tutorials' names too, so its hints are right
+
     normalized = key.lstrip("-").replace("-", "_")
-    close = difflib.get_close_matches(normalized, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return GlmtuneError(f"{source}: unknown option {shown(key)}{hint}")
+    return GlmtuneError(f"{source}: unknown option {shown(key)}{hint(normalized, valid)}")
 
 
 class ConfigValues(dict):
@@ -320,25 +347,50 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]):
     """Merge layers of raw values (each with a source name for messages) into a validated `cls`."""
+    from glmtune.tutorial_names import translate
+
     by_name = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for source, raw in layers:
         texts = getattr(raw, "texts", {})  # a YAML file's plain values as written (ConfigValues)
-        for key, value in raw.items():
-            name = str(key).replace("-", "_")
-            if name not in by_name:
+        given: dict[str, tuple[str, Any]] = {}  # option -> (the name it came as, value) within this source
+        for key, name, value in translate(raw, source, set(by_name)):  # tutorials' names read as glmtune's
+            if name is None:
                 raise unknown_key_error(str(key), list(by_name), source)
             if (_base_type(by_name[name].type) is str and value is not None and not isinstance(value, str)
                     and str(key) in texts):
                 value = texts[str(key)]  # `output_dir: off` is the folder "off", not "False"
-            values[name] = (_coerce(name, value, by_name[name], source), source)
+            value = _coerce(name, value, by_name[name], source)
+            if name in given and given[name][1] != value:  # e.g. per_device_train_batch_size and batch_size
+                raise GlmtuneError(f"{source}: {given[name][0]} and {key} both set {name}, to {shown(given[name][1])} "
+                                   f"and {shown(value)}; give one of them")
+            given[name] = (str(key), value)
+            values[name] = (value, source)
+    if "pre_seq_len" in values and "method" not in values and "method" in by_name:
+        # the official ptuning/ scripts train P-Tuning v2 whenever pre_seq_len is given: so does their command here
+        log.info("reading pre_seq_len without method as method: ptuning (as the official ptuning/ scripts do)")
+        values["method"] = ("ptuning", values["pre_seq_len"][1])
     for name, (value, source) in values.items():
         _check_range(name, value, by_name[name], source)
     return cls(**{name: value for name, (value, _) in values.items()})
 
 
+TUTORIAL_DEST = "tutorial_name:"  # the dest prefix of the tutorials' option names on the command line
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field (`--max-steps` and `--max_steps`), defaults suppressed so only given flags count."""
+    """One flag per field (`--max-steps` and `--max_steps`), defaults suppressed so only given flags count;
+    plus the tutorials' names (glmtune/tutorial_names.py), hidden from --help."""
+    from glmtune.tutorial_names import NAMES
+
+    names = {f.name for f in fields(cls)} - set(skip)
+    for entry in NAMES.values():
+        if entry.name in names or entry.in_files_only or (entry.option is not None and entry.option not in names):
+            continue
+        flags = [f"--{entry.name}"] + ([f"--{entry.name.replace('_', '-')}"] if "_" in entry.name else [])
+        shape = {"nargs": "?", "const": "true"} if entry.flag else {"nargs": "+"} if entry.many else {}
+        parser.add_argument(*flags, dest=TUTORIAL_DEST + entry.name, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS, **shape)
     for section, group_fields in section_of(cls):
         group = parser.add_argument_group(f"{section} options")
         for f in group_fields:
@@ -349,8 +401,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             if _base_type(f.type) is bool:
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",  # snake_case, as the rest
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             else:
-                choices = f.metadata.get("choices")  # flags arrive as text; the value is typed later
+                # flags arrive as text, typed and checked later (after a tutorial's value is converted: adamw_hf)
+                choices = f.metadata.get("choices") if f.name not in NAMES else None
                 group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                    choices=tuple(map(str, choices)) if choices else None, help=help_text)
 
@@ -381,13 +436,19 @@ def config_from_args(cls: type, namespace: argparse.Namespace, positional: list[
     """Build `cls` from the parsed command line: file < key=value < --flags."""
     check_unknown_flags(unknown, cls)
     config_file, overrides = split_overrides(positional)
+    train_args_file = getattr(namespace, "train_args_file", None)  # the tutorials' TrainingArguments JSON
+    if train_args_file and config_file:
+        raise GlmtuneError(f"give one config file: {config_file!r} or --train_args_file {train_args_file!r}, "
+                           "not both (put the options of one into the other)")
+    config_file = config_file or train_args_file
     layers = []
     if config_file:
         layers.append((str(config_file), read_config_file(config_file)))
     if overrides:
         layers.append(("command line", overrides))
     names = {f.name for f in fields(cls)}
-    flags = {k: v for k, v in vars(namespace).items() if k in names}
+    flags = {k.removeprefix(TUTORIAL_DEST): (v[0] if isinstance(v, list) and len(v) == 1 else v)
+             for k, v in vars(namespace).items() if k in names or k.startswith(TUTORIAL_DEST)}
     if flags:
         layers.append(("command line", flags))
     return build_config(cls, layers)

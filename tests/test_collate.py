@@ -3,7 +3,7 @@ import torch
 from glmtune.config import TrainConfig
 from glmtune.data.collate import PadCollator
 from glmtune.data.preprocess import IGNORE_INDEX
-from glmtune.train.trainer import _training_arguments
+from glmtune.train.trainer import training_arguments
 
 FEATURES = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
 
@@ -27,7 +27,7 @@ def test_left_padding_for_generation_and_rounding():
 
 
 def test_length_grouping_is_an_option(tmp_path):
-    grouped = _training_arguments(TrainConfig(group_by_length=True), tmp_path, has_dev=False)
+    grouped = training_arguments(TrainConfig(group_by_length=True), tmp_path, has_dev=False)
     assert grouped.train_sampling_strategy == "group_by_length"
-    plain = _training_arguments(TrainConfig(), tmp_path, has_dev=False)  # random batches by default
+    plain = training_arguments(TrainConfig(), tmp_path, has_dev=False)  # random batches by default
     assert plain.train_sampling_strategy == "random"

@@ -115,13 +115,14 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int) -> 
     from glmtune.methods import get_method
     from glmtune.models.loader import default_device, load_model
     from glmtune.train.loss import LabelledLossTrainer
-    from glmtune.train.trainer import (FeatureDataset, _adapter_marked, _training_arguments, pack_collator,
+    from glmtune.train.trainer import (FeatureDataset, _adapter_marked, training_arguments, pack_collator,
                                        requested_quantization)
 
     cfg = recipe_config(cfg, recipe)
     if not cfg.train_file:
         raise GlmtuneError("bench needs --data FILE (training data in any format train accepts)")
-    columns = {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
+    columns = {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column,
+               "prompt_template": cfg.prompt_template}
     samples, _ = load_samples(cfg.train_file, **columns)
     samples = samples[: cfg.max_train_samples] if cfg.max_train_samples else samples
     quantization = requested_quantization(cfg)
@@ -153,7 +154,7 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int) -> 
                       eval_steps=0, report_to="none")
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as out:
         with _adapter_marked(model):
-            trainer = LabelledLossTrainer(model=model, args=_training_arguments(run_cfg, Path(out), False),
+            trainer = LabelledLossTrainer(model=model, args=training_arguments(run_cfg, Path(out), False),
                                           data_collator=ledger, train_dataset=FeatureDataset(features),
                                           callbacks=[clock.callback], labelled_logits=recipe != "tutorial")
         trainer.remove_callback(PrinterCallback)
@@ -196,7 +197,8 @@ def run_bench(settings: BenchSettings, in_process: bool = False) -> dict[str, An
     cfg = with_bench_defaults(settings.config)
     if not cfg.train_file:
         raise GlmtuneError("bench needs --data FILE (training data in any format train accepts)")
-    load_samples(cfg.train_file, prompt_column=cfg.prompt_column, response_column=cfg.response_column)  # fail early
+    load_samples(cfg.train_file, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
+                 prompt_template=cfg.prompt_template)  # fail early
     for recipe in settings.recipes:
         recipe_config(cfg, recipe)  # a recipe that cannot run fails before any other runs
     device = default_device()

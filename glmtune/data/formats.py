@@ -8,6 +8,10 @@ Accepted row shapes (detected from the first row, then required of every row):
 - any two columns named by ``prompt_column`` / ``response_column`` (e.g. ADGEN's ``content`` / ``summary``)
 - ``conversations`` or ``messages``: a list of ``{role, content}`` (or ShareGPT's ``{from, value}``)
 
+With ``prompt_template`` (glmtune.data.prompt_template) the user message of a single-turn row is the template
+filled with the row's fields instead of its prompt column; the answer still comes from the answer column,
+and ``history`` questions stay as written (the template makes the row's own, last, question).
+
 The single-turn shapes may carry ``history``: a list of ``[question, answer]`` pairs that become the
 earlier turns of the conversation. History answers are context only; every assistant message of a
 ``conversations`` / ``messages`` row is trained.
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmtune.data.prompt_template import fill_row, template_fields
 from glmtune.errors import GlmtuneError, shown
 from glmtune.files import NestingError, check_input_file, loads, path_error, raw_decode
 
@@ -74,8 +79,10 @@ class RowFormat:
 
 
 def detect_format(row: dict[str, Any], prompt_column: str | None = None,
-                  response_column: str | None = None) -> RowFormat:
+                  response_column: str | None = None, prompt_template: str | None = None) -> RowFormat:
     """The row shape, from explicit columns or from the first row's keys."""
+    if prompt_template and response_column and not prompt_column:  # the template writes the prompt
+        return RowFormat("columns", None, response_column)
     if prompt_column or response_column:
         if not (prompt_column and response_column):
             raise GlmtuneError("give both prompt_column and response_column, or neither")
@@ -259,10 +266,15 @@ def _history(row: dict, line: int, problems: _Problems) -> list[Message] | None:
 
 
 def _single_turn(row: dict, fmt: RowFormat, line: int, problems: _Problems,
-                 require_answer: bool) -> list[Message] | None:
+                 require_answer: bool, prompt_template: str | None = None) -> list[Message] | None:
     before = problems.count
-    prompt = _string_field(row, fmt.prompt, line, problems, required=True)
-    if fmt.name == "alpaca":
+    if prompt_template:
+        prompt, problem = fill_row(prompt_template, row)
+        if problem:
+            problems.add(line, problem)
+    else:
+        prompt = _string_field(row, fmt.prompt, line, problems, required=True)
+    if fmt.name == "alpaca" and not prompt_template:
         extra = _string_field(row, "input", line, problems, required=False, allow_empty=True)
         if prompt is not None and extra and extra.strip():
             prompt = f"{prompt}\n{extra}"
@@ -328,8 +340,9 @@ def _conversation(row: dict, fmt: RowFormat, line: int, problems: _Problems,
 
 
 def load_samples(path: str | Path, *, prompt_column: str | None = None, response_column: str | None = None,
-                 require_answer: bool = True) -> tuple[list[Sample], RowFormat]:
-    """Every row of `path` as a Sample, or one GlmtuneError listing each bad row by line number."""
+                 require_answer: bool = True, prompt_template: str | None = None) -> tuple[list[Sample], RowFormat]:
+    """Every row of `path` as a Sample, or one GlmtuneError listing each bad row by line number.
+    `prompt_template` (None or "": none) writes each single-turn row's user message from its fields."""
     path = Path(path)
     problems = _Problems(path)
     records = _read(path, problems)
@@ -340,16 +353,24 @@ def load_samples(path: str | Path, *, prompt_column: str | None = None, response
     if not isinstance(first, dict):
         raise GlmtuneError(f"{path}:{first_line}: each record must be a JSON object, got {type(first).__name__}")
     try:
-        fmt = detect_format(first, prompt_column, response_column)
+        fmt = detect_format(first, prompt_column, response_column, prompt_template)
     except GlmtuneError as e:
         raise GlmtuneError(f"{path}:{first_line}: {e}") from None
+    if prompt_template:
+        template_fields(prompt_template)  # a bad template is one error, not one per row
+        if fmt.conversation:
+            raise GlmtuneError(f"{path}:{first_line}: prompt_template fills single-turn rows (context/target, "
+                               f"instruction/input/output, prompt/response or named columns) from their fields; "
+                               f"{fmt.conversation!r} rows write every message out: leave prompt_template unset")
     samples = []
     for line, row in records:
         if not isinstance(row, dict):
             problems.add(line, f"each record must be a JSON object, got {type(row).__name__}")
             continue
-        build = _conversation if fmt.conversation else _single_turn
-        messages = build(row, fmt, line, problems, require_answer)
+        if fmt.conversation:
+            messages = _conversation(row, fmt, line, problems, require_answer)
+        else:
+            messages = _single_turn(row, fmt, line, problems, require_answer, prompt_template)
         if messages is not None:
             samples.append(Sample(messages, row, f"{path}:{line}"))
     problems.raise_if_any()

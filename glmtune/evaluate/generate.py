@@ -23,6 +23,7 @@ from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError
 from glmtune.files import NestingError, is_special, loads, path_error, status
 from glmtune.models.loader import LoadedModel, context_length
+from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,22 @@ def _kept_rows(path: Path, samples: list[Sample], batch_size: int) -> tuple[list
     return rows[:keep], ends[keep - 1] if keep else 0
 
 
+def _out_of_memory_message(error: BaseException, generator: Generator, sampling: Sampling | None, start: int,
+                           size: int, total: int, batch_size: int) -> str:
+    """Which rows ran out of memory, and the values that would lower what answering them needs."""
+    sampling = sampling or Sampling()
+    lower = [f"--batch-size ({batch_size})"] if batch_size > 1 else []
+    lower.append(f"--max-new-tokens ({sampling.max_new_tokens})")
+    source = generator.limits.max_source_length if generator.limits else None
+    changes = ["lower " + " or ".join(lower), f"lower --max-source-length ({source})" if source else
+               "cut long prompts with --max-source-length"]
+    bits = generator.loaded.quantization_bit
+    if bits != 4 and not on_cpu(error):  # the int4 kernels are for the GPU
+        changes.append(f"load the base with --quantization-bit 4 (now {bits or 'full weights'})")
+    rows = f"row {start + 1}" if size == 1 else f"rows {start + 1}-{start + size}"
+    return f"out of memory on {where(error)} answering {rows} of {total}: {', '.join(changes)}"
+
+
 def write_predictions(generator: Generator, samples: list[Sample], output_path: str | Path, *,
                       batch_size: int = 8, sampling: Sampling | None = None, progress: bool = True,
                       resume: bool = False, seed: int | None = None, check_lengths: bool = True,
@@ -203,6 +220,7 @@ def write_predictions(generator: Generator, samples: list[Sample], output_path: 
         log.info("%s: %d of %d rows already answered; continuing", output_path, len(kept), len(samples))
     answers = [row["prediction"] for row in kept]
     special = is_special(status(output_path))  # /dev/null, /dev/stdout: written in place
+    out_of_memory = None  # the message, once a batch ran out of memory (reported after the file is closed)
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         if not kept and not special and output_path.is_symlink():
@@ -217,7 +235,14 @@ def write_predictions(generator: Generator, samples: list[Sample], output_path: 
                 batch = samples[start:start + batch_size]
                 if seed is not None:
                     torch.manual_seed(seed + start)
-                batch_answers = generator.generate([s.prompt_messages for s in batch], sampling)
+                try:
+                    batch_answers = generator.generate([s.prompt_messages for s in batch], sampling)
+                except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                    if not is_out_of_memory(e):
+                        raise
+                    out_of_memory = _out_of_memory_message(e, generator, sampling, start, len(batch), len(samples),
+                                                           batch_size)
+                    break
                 for sample, answer in zip(batch, batch_answers):
                     out.write(json.dumps(prediction_row(sample, answer), ensure_ascii=False) + "\n")
                 out.flush()
@@ -231,6 +256,16 @@ def write_predictions(generator: Generator, samples: list[Sample], output_path: 
             error = GlmtuneError(f"{error}; the answers written so far are kept: run the same command again to "
                                  "continue")
         raise error from None
+    if out_of_memory:
+        free_memory()
+        if keep_partial and not special:
+            raise GlmtuneError(f"{out_of_memory}; the {len(answers)} answers written so far are kept: run the same "
+                               "command again (with a lower --batch-size) to continue; a new --max-new-tokens, "
+                               "--max-source-length or --quantization-bit changes the answers: start over with "
+                               "--overwrite")
+        if not special:
+            output_path.unlink(missing_ok=True)
+        raise GlmtuneError(f"{out_of_memory}; nothing was written")
     if generator.prompts_cut:
         log.warning("%d prompts were longer than the limit and were cut", generator.prompts_cut)
     return answers

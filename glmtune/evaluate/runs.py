@@ -56,6 +56,7 @@ class EvalSettings:
     pre_seq_len: int | None = None
     prompt_column: str | None = None
     response_column: str | None = None
+    prompt_template: str | None = None  # None: the adapter's, "": none
 
     def __post_init__(self):
         if self.sampling.temperature > 0 and self.seed is None:
@@ -67,15 +68,20 @@ class EvalSettings:
         data.pop("output_dir")
         data.pop("batch_size")  # answers do not depend on it beyond numerics; resuming keeps whole batches
         data.pop("task")  # scoring only
+        if not data["prompt_template"]:  # none: as folders written before the option existed say
+            data.pop("prompt_template")
         data["data"] = str(Path(self.data).resolve())
         return data
 
 
 def _load_samples(settings: EvalSettings):
     from glmtune.data.formats import load_samples
+    from glmtune.methods.adapter import prompt_template_for
 
+    template = prompt_template_for(settings.prompt_template, settings.adapter, settings.model)
     samples, _ = load_samples(settings.data, prompt_column=settings.prompt_column,
-                              response_column=settings.response_column, require_answer=True)
+                              response_column=settings.response_column, require_answer=True,
+                              prompt_template=template)
     return samples[: settings.max_samples] if settings.max_samples else samples
 
 
@@ -195,12 +201,16 @@ def run_compare(settings: EvalSettings, *, overwrite: bool = False, examples: in
     asked for the comparison (eval_generate), the one training run folder it may write into."""
     from glmtune.data.formats import Message
     from glmtune.evaluate.report import write_report
-    from glmtune.methods.adapter import read_adapter_info
+    from glmtune.methods.adapter import prompt_template_for, read_adapter_info
 
     if not settings.adapter:
         raise GlmtuneError("compare needs --adapter (the tuned model); the base is the adapter's base model")
     info = read_adapter_info(settings.adapter) if (Path(settings.adapter) / "glmtune_adapter.json").is_file() \
         else {}
+    from glmtune.methods.adapter import is_plain_peft, plain_peft_info
+
+    if is_plain_peft(settings.adapter):  # a peft LoRA folder: its base must be known before the base is evaluated
+        info = plain_peft_info(settings.adapter, settings.model)
     out = Path(settings.output_dir)
     if check_output_folder(out) and not inside_run:
         refuse_training_run(out)
@@ -216,10 +226,12 @@ def run_compare(settings: EvalSettings, *, overwrite: bool = False, examples: in
         check_base_config(info, Path(settings.adapter), model)
     quantization = Quantization.chosen(Quantization.from_record(info), settings.quantization)
     template = settings.template or info.get("template")
+    # the base is asked the tuned model's prompts: the adapter's prompt_template, unless one was given
+    prompt_template = prompt_template_for(settings.prompt_template, settings.adapter, settings.model) or ""
     base = replace(settings, output_dir=str(out / "base"), adapter=None, model=model, template=template,
-                   quantization=quantization, pre_seq_len=None)
+                   quantization=quantization, pre_seq_len=None, prompt_template=prompt_template)
     tuned = replace(settings, output_dir=str(out / "tuned"), model=model, template=template,
-                    quantization=quantization)
+                    quantization=quantization, prompt_template=prompt_template)
     before = run_eval(base, overwrite=overwrite)
     after = run_eval(tuned, overwrite=overwrite)
 

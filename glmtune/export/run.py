@@ -4,7 +4,8 @@
   (transformers families: loadable by plain transformers; native ChatGLM: the official weight names, a
   drop-in for the original folder). Over a quantized base the int layers are dequantized first, so the
   merged weights are the ones the adapter was trained against.
-- LoRA without merge: a clean adapter folder, weights cast to dtype.
+- LoRA without merge: a clean adapter folder, weights cast to dtype (a plain peft folder comes out as a
+  glmtune adapter folder for the base it was exported for).
 - P-Tuning v2: the final prefix table in one small file (the projection MLP folded away), itself an
   adapter folder.
 
@@ -67,7 +68,7 @@ def export_model(adapter: str | Path, output: str | Path, *, model: str | None =
     _refuse_overlap(out, adapter_dir, "adapter folder")
     for path in remove_stale_staging(out):
         log.info("removed %s, left by an interrupted export", path)
-    info, pre_seq_len = _adapter_info(adapter_dir)
+    info, pre_seq_len = _adapter_info(adapter_dir, model)
     if merge and info["method"] == "ptuning":
         raise GlmtuneError(f"{adapter_dir} is a P-Tuning v2 adapter: a prefix is not a weight delta and cannot be "
                            "merged into the base; export it without --merge (one small prefix file)")
@@ -141,8 +142,9 @@ def _export_adapter(adapter_dir: Path, out: Path, info: dict[str, Any], model: s
     with _staging(out) as tmp:
         files = export_adapter_weights(adapter_dir, tmp, getattr(torch, dtype))
         written = dict(info)
-        if model:
-            written["base_model"] = model  # the base it was exported for
+        if model:  # the base it was exported for; a folder by its absolute path, as training records it
+            written["base_model"] = os.path.abspath(os.path.expanduser(model)) if Path(model).expanduser().is_dir() \
+                else model
         (tmp / ADAPTER_FILE).write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files.append(ADAPTER_FILE)
         line = None
@@ -181,7 +183,8 @@ def _export_prefix(adapter_dir: Path, out: Path, info: dict[str, Any], model: st
         write_adapter_info(tmp, method="ptuning", family=loaded.family, base_model=loaded.name,
                            fingerprint=fingerprint(loaded.model.config), template=template, parameters=parameters,
                            extra={"quantization_bit": loaded.quantization_bit,
-                                  "quantization": loaded.quantization.record()})
+                                  "quantization": loaded.quantization.record(),
+                                  "prompt_template": info.get("prompt_template")})
         files.append(ADAPTER_FILE)
         line = None
         if check:  # the model as the exported file makes it: the stored table in place of the encoder
@@ -194,15 +197,18 @@ def _export_prefix(adapter_dir: Path, out: Path, info: dict[str, Any], model: st
 
 # ---------------------------------------------------------------- loading
 
-def _adapter_info(adapter_dir: Path) -> tuple[dict[str, Any], int | None]:
+def _adapter_info(adapter_dir: Path, model: str | None) -> tuple[dict[str, Any], int | None]:
     """The adapter's info (checked before any model loads), and for an official ChatGLM P-Tuning checkpoint
-    the prefix length its weights have."""
+    the prefix length its weights have. A plain peft LoRA folder gets the info of `model` (or the local
+    base its config names) as its base."""
     from glmtune.methods import get_method
-    from glmtune.methods.adapter import read_adapter_info
+    from glmtune.methods.adapter import is_plain_peft, plain_peft_info, read_adapter_info
     from glmtune.methods.ptuning import KEY_PREFIX, OFFICIAL_FILES, official_checkpoint_info, read_weights
 
     if not adapter_dir.is_dir():
         raise GlmtuneError(f"adapter folder not found: {adapter_dir}")
+    if is_plain_peft(adapter_dir):
+        return plain_peft_info(adapter_dir, model), None
     weights = next((adapter_dir / f for f in OFFICIAL_FILES if (adapter_dir / f).is_file()), None)
     if (adapter_dir / ADAPTER_FILE).is_file() or weights is None:
         info = read_adapter_info(adapter_dir)
@@ -240,13 +246,13 @@ def _check_base_config(info: dict[str, Any], adapter_dir: Path, model: str) -> N
 def _attach_lora(model, adapter_dir: Path):
     """The base with the LoRA adapter applied but not merged (over int layers peft uses the LoRA layer that
     refuses to merge into them)."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
-    from glmtune.methods.lora import _fit_quantized
+    from glmtune.methods.lora import _fit_quantized, read_lora_config
     from glmtune.models.loader import load_errors
 
     try:
-        config = _fit_quantized(model, LoraConfig.from_pretrained(str(adapter_dir)))
+        config = _fit_quantized(model, read_lora_config(adapter_dir))
         adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, config=config)
     except load_errors() as e:
         raise GlmtuneError(f"cannot load the LoRA adapter in {adapter_dir}: {one_line(e)}") from None
@@ -359,7 +365,7 @@ def _write_record(folder: Path, kind: str, base_model: str, family: str, adapter
 
     record = {"format": FORMAT_VERSION, "glmtune_version": __version__, "kind": kind, "base_model": base_model,
               "family": family, "adapter": str(adapter_dir.resolve()), "method": info["method"],
-              "template": info.get("template") or "auto", "dtype": dtype, "merged_from_quantization": quantization,
-              "check": check}
+              "template": info.get("template") or "auto", "prompt_template": info.get("prompt_template"),
+              "dtype": dtype, "merged_from_quantization": quantization, "check": check}
     (folder / EXPORT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return EXPORT_FILE

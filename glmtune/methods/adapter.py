@@ -2,12 +2,15 @@
 
 The JSON names the base model, its family and fingerprint, the method and every method parameter, and
 the prompt template, so later commands need only `--adapter DIR` and refuse a base the adapter does not
-fit.
+fit. A LoRA folder written by plain peft (no JSON of ours) loads too, over a base named with --model; it
+is checked against that base's layer names and sizes instead. glmtune's own LoRA folders are ordinary
+peft folders, which plain peft loads as they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +106,46 @@ def check_base_config(info: dict[str, Any], adapter_dir: Path, model: str) -> No
     check_base_fits({**info, "base_fingerprint": expected}, family, stated, adapter_dir, model)
 
 
+def is_plain_peft(directory: str | Path) -> bool:
+    """A folder peft wrote (adapter_config.json) without glmtune's record: tutorials', LLaMA-Factory's."""
+    from glmtune.methods.lora import PEFT_CONFIG
+
+    directory = Path(directory)
+    return directory.is_dir() and not (directory / ADAPTER_FILE).is_file() and (directory / PEFT_CONFIG).is_file()
+
+
+def plain_peft_info(directory: str | Path, model_name: str | None) -> dict[str, Any]:
+    """Adapter info for a plain peft LoRA folder over `model_name` (else the local folder its
+    adapter_config.json names), shaped like a glmtune adapter's: family, base_model and fingerprint are
+    the chosen base's. The weights are checked against that base's modules before any weights load."""
+    from glmtune.methods.lora import check_lora_fits, model_skeleton, peft_folder_info
+    from glmtune.models.loader import fingerprint, load_tokenizer, read_model_config
+
+    directory = Path(directory)
+    info = peft_folder_info(directory)
+    name = model_name or info["base_model"]
+    if not name:
+        hint = info["base_hint"]
+        named = (f"names base model {hint!r}, which is not a local checkpoint folder here (a hub id is only a hint: "
+                 "glmtune never downloads)") if hint else "names no base model"
+        raise GlmtuneError(f"{directory} is a plain peft LoRA folder whose adapter_config.json {named}; give the "
+                           "base checkpoint folder with --model")
+    _, family, path = load_tokenizer(name)
+    skeleton = model_skeleton(path, family)
+    if skeleton is not None:
+        check_lora_fits(info, directory, skeleton, name)
+    recorded = os.path.abspath(os.path.expanduser(name)) if Path(name).expanduser().is_dir() else name
+    return {**info, "format": FORMAT_VERSION, "family": family, "base_model": recorded,
+            "base_fingerprint": fingerprint(read_model_config(path))}
+
+
 def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, dtype: str = "auto",
                      device: str | None = None, quantization=None, pre_seq_len: int | None = None):
     """Base model plus (optionally) an adapter, ready for generation; returns (LoadedModel, adapter info).
 
-    Without `model_name` the base recorded in the adapter is used (or the default model). An official
+    Without `model_name` the base recorded in the adapter is used (or the default model). A plain peft
+    LoRA folder (no glmtune_adapter.json) is accepted over `model_name`, or the local base folder its
+    adapter_config.json names. An official
     ChatGLM P-Tuning checkpoint folder (no glmtune_adapter.json) is accepted with a model name and, unless
     its config.json records it, `pre_seq_len`. `quantization` (a Quantization, or just bits; 0 for full
     weights) overrides the base quantization the adapter was trained over. Without an adapter the info is
@@ -120,9 +158,13 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
                                        resolve_model_path)
 
     adapter = Path(adapter_dir) if adapter_dir else None
-    official = (adapter is not None and adapter.is_dir() and not (adapter / ADAPTER_FILE).is_file()
+    peft = adapter is not None and is_plain_peft(adapter)
+    official = (adapter is not None and not peft and adapter.is_dir() and not (adapter / ADAPTER_FILE).is_file()
                 and any((adapter / f).is_file() for f in OFFICIAL_FILES))
-    info = read_adapter_info(adapter) if adapter and not official else None
+    if peft:  # checked against the base's config and modules here, before the weights load
+        info = plain_peft_info(adapter, model_name)
+    else:
+        info = read_adapter_info(adapter) if adapter and not official else None
     if official and not model_name:
         raise GlmtuneError(f"{adapter} is not a glmtune adapter ({ADAPTER_FILE} is missing); to load it as an "
                            "official P-Tuning checkpoint, name its base model with --model")
@@ -132,7 +174,7 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
         info = official_checkpoint_info(adapter, pre_seq_len)
         if info is None:
             read_adapter_info(adapter)  # raises the usual "not a glmtune adapter" message
-    elif info:
+    elif info and not peft:
         get_method(info["method"])  # an unknown method
         if pre_seq_len is not None and info["method"] == "ptuning" and pre_seq_len != info["parameters"]["pre_seq_len"]:
             raise GlmtuneError(f"adapter {adapter} has pre_seq_len {info['parameters']['pre_seq_len']}, but "
@@ -148,8 +190,29 @@ def load_tuned_model(model_name: str | None, adapter_dir: str | Path | None, *, 
         loaded.model = load_official(loaded.model, info, adapter)
     elif info:
         check_base_fits(info, loaded.family, fingerprint(loaded.model.config), adapter, name)
+        if peft:  # again on the real modules, in case the skeleton could not be built
+            from glmtune.methods.lora import check_lora_fits
+
+            check_lora_fits(info, adapter, loaded.model, name)
         loaded.model = get_method(info["method"]).load(loaded.model, adapter, info)
     elif adapter is None:  # a merged export remembers its prompt template
         info = exported_info(loaded.path)
     loaded.model.eval()
     return loaded, info
+
+
+def prompt_template_for(given: str | None, adapter_dir: str | Path | None, model_name: str | None,
+                        option: str = "--prompt-template") -> str | None:
+    """The prompt_template a command uses, found before any weights load: `given` ("" for none), else the one
+    the adapter (or a merged export's record) was trained with, else none."""
+    from glmtune.data.prompt_template import check_template
+
+    if given is not None:
+        return check_template(given, option) or None
+    if adapter_dir and (Path(adapter_dir) / ADAPTER_FILE).is_file():
+        recorded = read_adapter_info(adapter_dir).get("prompt_template")
+    else:
+        recorded = ((exported_info(model_name) or {}).get("exported") or {}).get("prompt_template") \
+            if model_name and Path(model_name).is_dir() else None
+    return check_template(recorded, f"prompt_template recorded in {adapter_dir or model_name}") \
+        if isinstance(recorded, str) and recorded else None

@@ -3,6 +3,9 @@ base that bitsandbytes quantized to 4-bit NF4 (or 8 bits) while loading (glmtune
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +56,12 @@ class LoraMethod:
 
     def load(self, model, directory: Path, info: dict[str, Any]):
         """The base with the adapter merged in, for generation."""
-        from peft import LoraConfig, PeftModel
+        from peft import PeftModel
 
         from glmtune.models.loader import load_errors
 
         try:
-            config = _fit_quantized(model, LoraConfig.from_pretrained(directory))
+            config = _fit_quantized(model, read_lora_config(directory))
             adapted = PeftModel.from_pretrained(model, directory, is_trainable=False, config=config)
         except load_errors() as e:
             raise GlmtuneError(f"cannot load the LoRA adapter in {directory}: {one_line(e)}") from None
@@ -90,8 +93,168 @@ class QLoraMethod(LoraMethod):
         return super().apply(model, options, family)
 
 
+def read_lora_config(directory):
+    """adapter_config.json as peft reads it, for generation by a causal LM (a tutorial's folder may say
+    SEQ_2_SEQ_LM for ChatGLM). Old peft's keys (enable_lora, merge_weights) are dropped without peft's
+    warning, which would wrongly tell the user to upgrade peft."""
+    import warnings
+
+    from peft import LoraConfig
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unexpected keyword arguments", category=UserWarning)
+        config = LoraConfig.from_pretrained(str(directory))
+    config.task_type = "CAUSAL_LM"
+    return config
+
+
 def _fit_quantized(model, config):
     """Over quantized layers, peft must use the LoRA layer that refuses to merge into int weights."""
     from glmtune.models.quantization import has_quantized_modules, register_quantized_lora
 
     return register_quantized_lora(config) if has_quantized_modules(model) else config
+
+
+# ---------------------------------------------------------------- LoRA folders saved by plain peft
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# peft's keys: base_model.model.<module path in the base>.lora_A.weight (lora_embedding_A for embeddings);
+# without that prefix peft would load none of them, silently
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
+                       r"lora_embedding_B)(?:\.weight)?$")
+
+
+def peft_folder_info(directory: Path) -> dict[str, Any]:
+    """Adapter info for a LoRA folder written by plain peft (tutorials, LLaMA-Factory, `save_pretrained`):
+    the method parameters from adapter_config.json; `base_model` is the folder its base_model_name_or_path
+    names when that is a local checkpoint folder, else None (a hub id is only a hint). The family and the
+    base fingerprint are the caller's to fill in, from the base it chooses."""
+    path = Path(directory) / PEFT_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GlmtuneError(f"{path} is not valid JSON: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise GlmtuneError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        hint = ("glmtune's P-Tuning v2 reads official ChatGLM checkpoints and glmtune adapters, not peft's "
+                "prefix or prompt adapters" if kind in ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING") else
+                "glmtune loads peft LoRA folders only")
+        raise GlmtuneError(f"{directory} is a peft {kind or 'adapter without a peft_type'} folder; {hint}")
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise GlmtuneError(f"{path}: r must be a positive whole number, got {rank!r}; the adapter folder is damaged")
+    if config.get("enable_lora"):  # peft 0.2's MergedLinear: its lora_B is a grouped convolution
+        raise GlmtuneError(f"{path}: enable_lora {config['enable_lora']!r} is old peft's merged-layer LoRA, which "
+                           "current peft no longer loads; retrain it, or convert it to a plain LoRA")
+    adapter_weights(Path(directory))  # no weights, or none of them LoRA's: refused before any model loads
+    hint = config.get("base_model_name_or_path")
+    base = None
+    if isinstance(hint, str) and hint and (Path(hint).expanduser() / "config.json").is_file():
+        base = os.path.abspath(os.path.expanduser(hint))
+    targets = config.get("target_modules")
+    target = ",".join(sorted(targets)) if isinstance(targets, list) else targets if isinstance(targets, str) else "auto"
+    return {"method": "lora", "family": None, "base_model": base, "base_hint": hint if isinstance(hint, str) else None,
+            "template": "auto", "source": "peft",
+            "parameters": {"rank": rank, "alpha": config.get("lora_alpha", 8),
+                           "dropout": config.get("lora_dropout", 0.0), "target": target},
+            "rank_pattern": bool(config.get("rank_pattern"))}
+
+
+def adapter_weights(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every LoRA tensor name in a peft folder's weights file and its shape (a safetensors header, or the
+    small .bin read whole)."""
+    source = next((directory / n for n in PEFT_WEIGHTS if (directory / n).is_file()), None)
+    if source is None:
+        raise GlmtuneError(f"{directory} has {PEFT_CONFIG} but no adapter_model.safetensors or adapter_model.bin")
+    from glmtune.models.loader import load_errors
+
+    try:
+        if source.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(source), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            import torch
+
+            shapes = {k: tuple(v.shape) for k, v in torch.load(source, map_location="cpu", weights_only=True).items()}
+    except (*load_errors(), AttributeError) as e:  # damaged, cut short, or not a tensor mapping
+        raise GlmtuneError(f"cannot read {source}: {one_line(e)}") from None
+    if not any(_LORA_KEY.match(k) for k in shapes):
+        raise GlmtuneError(f"{source} holds no LoRA weights under peft's names (base_model.model.*.lora_A.weight); "
+                           "it is not a peft LoRA adapter")
+    return shapes
+
+
+def check_lora_fits(info: dict[str, Any], directory: Path, model, model_name: str) -> None:
+    """Refuse a base the LoRA weights in `directory` do not fit: a layer the adapter adapts that the base
+    lacks (another family, fewer layers), or other sizes (another model size). `model` may be a skeleton
+    on the meta device: only module names and sizes are read."""
+    shapes = adapter_weights(Path(directory))
+    modules = dict(model.named_modules())
+    missing: list[str] = []
+    for key, shape in sorted(shapes.items()):
+        match = _LORA_KEY.match(key)
+        if match is None:
+            continue
+        name, part = match["module"], match["part"]
+        module = modules.get(name)
+        if module is None:
+            if name not in missing:
+                missing.append(name)
+            continue
+        if len(shape) != 2:
+            raise GlmtuneError(f"{directory}: {key} has shape {list(shape)}, not a matrix; the adapter folder "
+                               "is damaged")
+        rows, cols = shape
+        rank = rows if part in ("lora_A", "lora_embedding_A") else cols
+        if not info.get("rank_pattern") and rank != info["parameters"]["rank"]:
+            raise GlmtuneError(f"{directory}: adapter_config.json says r {info['parameters']['rank']}, but {key} "
+                               f"has rank {rank}; the adapter folder is damaged (config and weights differ)")
+        size_in, size_out = _sizes(module)
+        if size_in is None:
+            continue
+        found = cols if part in ("lora_A", "lora_embedding_A") else rows
+        wanted = size_in if part in ("lora_A", "lora_embedding_A") else size_out
+        if found != wanted:
+            side = "inputs" if part in ("lora_A", "lora_embedding_A") else "outputs"
+            raise GlmtuneError(f"the LoRA adapter in {directory} does not fit {model_name}: its update of {name} "
+                               f"has {found} {side}, the model's layer {wanted}; it was trained on a model of "
+                               "another size")
+    if missing:
+        raise GlmtuneError(f"the LoRA adapter in {directory} does not fit {model_name}: {len(missing)} of the layers "
+                           f"it adapts are not in this model (e.g. {missing[0]}); it was trained on another model "
+                           "family or size")
+
+
+def _sizes(module) -> tuple[int | None, int | None]:
+    """(inputs, outputs) of a layer as LoRA sees it; (None, None) where glmtune cannot tell."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    if hasattr(module, "num_embeddings"):
+        return module.num_embeddings, module.embedding_dim
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2's [in, out]
+        return tuple(module.weight.shape)
+    return None, None
+
+
+def model_skeleton(path: Path, family: str):
+    """The base model's modules on the meta device (no memory, no weights read), to check an adapter
+    against before minutes of loading; None where it cannot be built (the check then runs after loading)."""
+    import torch
+
+    from glmtune.models.loader import NATIVE_FAMILIES, native_classes
+
+    try:
+        with torch.device("meta"):
+            if family in NATIVE_FAMILIES:
+                config_class, model_class, _ = native_classes(family)
+                return model_class(config_class.from_pretrained(path))
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    except Exception:  # noqa: BLE001 - only an early check: the loaded model is checked in any case
+        return None

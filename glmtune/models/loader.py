@@ -104,7 +104,7 @@ NATIVE_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # glmtune's own model and
 GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
-def _known_tokens(tokenizer, tokens) -> set[int]:
+def known_token_ids(tokenizer, tokens) -> set[int]:
     """Ids of those `tokens` that are single tokens of this vocabulary."""
     vocab = tokenizer.get_vocab()
     return {vocab[t] for t in tokens if t in vocab}
@@ -211,7 +211,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
         model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))
     if family == "glm4":  # a turn ends at eos or where the next role would start, as GLM-4's generation_config says
         model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer, model.generation_config)
-                                                      | _known_tokens(tokenizer, GLM4_STOP_TOKENS))
+                                                      | known_token_ids(tokenizer, GLM4_STOP_TOKENS))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     # adapters record the base by this name: a folder by its absolute path, so they work from any directory
@@ -238,7 +238,7 @@ def _check_safetensors(path: Path) -> None:
             raise GlmtuneError(f"cannot read {file}: {one_line(e)} (the file is damaged or was cut short)") from None
 
 
-def _native_classes(family: str):
+def native_classes(family: str):
     """(config class, model class, the module whose linear layers quantization replaces) of a family."""
     if family == "chatglm":
         from glmtune.models.chatglm.configuration import ChatGLMConfig
@@ -257,7 +257,7 @@ def _load_native(path: Path, family: str, torch_dtype, quantization: Quantizatio
     asked (ChatGLM's layout), or while loading (bitsandbytes, through `extra`)."""
     from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, quantize_modules
 
-    config_class, model_class, quantized_part = _native_classes(family)
+    config_class, model_class, quantized_part = native_classes(family)
     config = config_class.from_pretrained(path)
     if family == "chatglm2":
         config.rope_interpolates_positions = True  # ChatGLM2's -32k stretches positions; ChatGLM3's the base

@@ -50,6 +50,7 @@ def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, s
                               repetition_penalty=sampling.repetition_penalty)
         pieces: list[str] = []
         note = ""
+        failed = False  # a failed answer (out of memory, ...) is not kept: the next question is asked without it
         try:
             events = engine.stream(request)
             out.write("assistant> ")
@@ -59,7 +60,7 @@ def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, s
                     out.write(event)
                     out.flush()
                 elif isinstance(event, Failed):
-                    note = f"(error: {event.message})"
+                    note, failed = f"(error: {event.message})", True
                 elif isinstance(event, Finished) and event.finish_reason == "length":
                     note = (f"(cut at {event.completion_tokens} tokens; --max-new-tokens allows longer answers)"
                             if event.completion_tokens >= sampling.max_new_tokens else
@@ -72,5 +73,5 @@ def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, s
             note = "(stopped)"
         out.write("\n" + (note + "\n" if note else ""))
         answered += 1
-        if keep_history:
+        if keep_history and not failed:
             history += [Message("user", text), Message("assistant", "".join(pieces).strip())]

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 import torch
 
 from glmtune.data.formats import Message
+from glmtune.data.prompt_template import chat_template_field, fill_message
 from glmtune.errors import GlmtuneError
 from glmtune.evaluate.generate import Generator, Sampling
 from glmtune.models.loader import context_length
+from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +176,13 @@ class _StopWhen:
 class ChatEngine:
     """Queue and worker around one Generator. `start()` before use, `close()` at the end."""
 
-    def __init__(self, generator: Generator, *, default_max_tokens: int = 512, max_queue: int = 256):
+    def __init__(self, generator: Generator, *, default_max_tokens: int = 512, max_queue: int = 256,
+                 prompt_template: str | None = None):
         self.generator = generator
+        # the newest user message is filled into it, as training filled each row's own (last) question
+        self.prompt_template = prompt_template
+        if prompt_template:
+            chat_template_field(prompt_template)
         self.tokenizer = generator.tokenizer
         self.context_length = context_length(generator.loaded.model.config)
         self.default_max_tokens = default_max_tokens
@@ -203,8 +210,11 @@ class ChatEngine:
             raise BadRequest(f"seed must be between {SEEDS[0]} and {SEEDS[1]}", "seed")
         if request.max_tokens is not None and not 1 <= request.max_tokens <= LONGEST_ANSWER:
             raise BadRequest(f"max_tokens must be between 1 and {LONGEST_ANSWER}", "max_tokens")
+        messages = request.messages
+        if self.prompt_template:
+            messages = messages[:-1] + [Message("user", fill_message(self.prompt_template, messages[-1].content))]
         try:
-            prompt_ids, _ = self.generator.encoder.prompt_ids(request.messages)
+            prompt_ids, _ = self.generator.encoder.prompt_ids(messages)
         except GlmtuneError as e:
             raise BadRequest(str(e), "messages") from None
         limit = self.context_length
@@ -272,6 +282,7 @@ class ChatEngine:
                 self.cancelled += 1
                 job.deliver(Finished(len(job.prompt_ids), 0, "cancelled"))
                 continue
+            failure = None
             try:
                 finished = self._generate(job)
                 if finished.finish_reason == "cancelled":
@@ -280,8 +291,25 @@ class ChatEngine:
                     self.answered += 1
                 job.deliver(finished)
             except Exception as e:  # one failed request must not take the server down
-                log.exception("generation failed")
-                job.deliver(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                if is_out_of_memory(e):
+                    failure = self._out_of_memory(job, e)
+                    log.warning("%s", failure)
+                else:
+                    log.exception("generation failed")
+                    failure = f"generation failed: {type(e).__name__}: {e}"
+            if failure is not None:
+                free_memory()  # out of the except block: the failed request's tensors are garbage now
+                job.deliver(Failed(failure))
+
+    def _out_of_memory(self, job: Job, error: BaseException) -> str:
+        """The message for a request that ran out of memory: its size, and what would make it fit."""
+        advice = f"out of memory on {where(error)} answering this request (a {len(job.prompt_ids)}-token prompt, " \
+                 f"up to {job.max_tokens} new tokens): ask for fewer new tokens (max_tokens; --max-new-tokens in " \
+                 "glmtune chat) or send a shorter conversation"
+        bits = self.generator.loaded.quantization_bit
+        if bits != 4 and not on_cpu(error):
+            advice += "; a base loaded with --quantization-bit 4 needs less memory"
+        return advice
 
     def _generate(self, job: Job) -> Finished:
         from transformers import StoppingCriteriaList

@@ -44,7 +44,7 @@ def _joined() -> bool:
 
 def barrier() -> None:
     """Wait until every process arrives here (nothing outside a process group). The Trainer's arguments
-    join the process group when they are built, so this works once `_training_arguments` ran."""
+    join the process group when they are built, so this works once `training_arguments` ran."""
     if _joined():
         import torch.distributed as dist
 

@@ -34,6 +34,7 @@ from glmtune.methods import get_method
 from glmtune.methods.adapter import write_adapter_info
 from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, fingerprint, load_model
+from glmtune.oom import reported
 from glmtune.train.callbacks import (EvaluateEachEpoch, JsonlLog, KeepBestAdapter, NonFiniteGuard, ProgressBar,
                                      ResumedConfig)
 from glmtune.train.checkpoints import (check_checkpoint, checkpoint_shapes, complete_checkpoints, remove_leftovers,
@@ -41,6 +42,7 @@ from glmtune.train.checkpoints import (check_checkpoint, checkpoint_shapes, comp
 from glmtune.train.distributed import (barrier, check_deepspeed, gathered, is_main_process, parameter_count,
                                       same_on_all_ranks, world_size)
 from glmtune.train.loss import LabelledLossTrainer
+from glmtune.train.oom import training_oom_message
 from glmtune.train.plot import plot_loss
 from glmtune.train.runlock import RunLock
 
@@ -186,10 +188,27 @@ def precision_flags(precision: str, on_gpu: bool) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
+def check_optimizer(optim: str) -> None:
+    """The 8-bit optimizers come from bitsandbytes: one that cannot be imported is said before the model loads."""
+    if optim not in ("adamw_8bit", "paged_adamw_8bit"):
+        return
+    from glmtune.models.kbit import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+    except ImportError as e:
+        raise GlmtuneError(f"optim {optim} needs bitsandbytes, which cannot be imported ({e}): pip install "
+                           "bitsandbytes, or use adamw_torch or adafactor") from None
+
+
+def training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
+    if cfg.warmup_steps and cfg.warmup_ratio:
+        raise GlmtuneError(f"warmup_steps ({cfg.warmup_steps}) and warmup_ratio ({cfg.warmup_ratio}) are both set; "
+                           "give one of them")
+    check_optimizer(cfg.optim)
     return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,
@@ -201,12 +220,14 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps or -1,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=min(cfg.warmup_ratio, 0.999),  # a float below 1 is a ratio of all steps
+        # an int is a count of steps, a float below 1 a ratio of all steps
+        warmup_steps=cfg.warmup_steps or min(cfg.warmup_ratio, 0.999),
+        optim=cfg.optim,
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if (has_dev and cfg.eval_steps) else "no",
         eval_steps=cfg.eval_steps or None,
         eval_on_start=has_dev and cfg.eval_on_start,
-        save_strategy="steps",
+        save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
@@ -229,7 +250,7 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
     )
 
 
-def _limits(cfg: TrainConfig) -> LengthLimits:
+def length_limits(cfg: TrainConfig) -> LengthLimits:
     return LengthLimits(cfg.max_source_length, cfg.max_target_length, cfg.cutoff_len)
 
 
@@ -245,12 +266,19 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         return _run_training(cfg, loaded, held)
 
 
-def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib.ExitStack) -> TrainResult:
+def _columns(cfg: TrainConfig) -> dict[str, Any]:
+    """How rows become samples: read with these, and part of the dataset cache's key."""
+    return {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column,
+            "prompt_template": cfg.prompt_template}
+
+
+def load_data(cfg: TrainConfig) -> tuple[list, list]:
+    """The training and dev samples a run uses (train, and `--dry-run`, which checks the same way)."""
     if not cfg.train_file:
         raise GlmtuneError("train_file is required (a JSON or JSONL file; see `glmtune data validate`)")
     if cfg.deepspeed:
         check_deepspeed(cfg.deepspeed)
-    columns = {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column}
+    columns = _columns(cfg)
     train_samples, fmt = load_samples(cfg.train_file, **columns)
     dev_samples = load_samples(cfg.dev_file, **columns)[0] if cfg.dev_file else []
     train_samples = train_samples[: cfg.max_train_samples] if cfg.max_train_samples else train_samples
@@ -261,10 +289,16 @@ def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib
     if not dev_samples and (cfg.eval_steps or cfg.eval_on_start):
         log.warning("eval_steps / eval_on_start have no effect without dev_file")
     _check_answer_options(cfg, dev_samples)
+    return train_samples, dev_samples
+
+
+def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib.ExitStack) -> TrainResult:
+    columns = _columns(cfg)
+    train_samples, dev_samples = load_data(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     # Built before the model loads: under torchrun this joins the process group, and DeepSpeed ZeRO-3 must
     # be configured before from_pretrained to load the weights already partitioned.
-    args = _training_arguments(cfg, out, bool(dev_samples))
+    args = training_arguments(cfg, out, bool(dev_samples))
     if not cfg.output_dir:  # every process dated a folder by its own clock: the main process's wins
         out = same_on_all_ranks(out)
         args.output_dir = str(out)
@@ -277,7 +311,7 @@ def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, quantization=quantization)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
     encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids, split_special_tokens=cfg.split_special_tokens)
-    limits = _limits(cfg)
+    limits = length_limits(cfg)
     key = {**columns, "template": template.name}
     train_features, train_report, _ = encode_cached(cfg.train_file, train_samples, encoder, limits, name="train",
                                                     key_extra=key, enabled=use_cache)
@@ -336,7 +370,8 @@ def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib
                                fingerprint=fingerprint(loaded.model.config), template=template.name,
                                parameters=parameters,
                                extra={"quantization_bit": loaded.quantization_bit,
-                                      "quantization": loaded.quantization.record(), **extra})
+                                      "quantization": loaded.quantization.record(),
+                                      "prompt_template": cfg.prompt_template, **extra})
 
     from transformers.trainer_callback import PrinterCallback
 
@@ -363,8 +398,13 @@ def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressBar and JsonlLog cover them
     if resume_from:
         log.info("resuming from %s", resume_from)
+
+    def out_of_memory(error: BaseException) -> str:  # in a step, an evaluation or a save: this run's values
+        return training_oom_message(error, cfg, trainer.state, out)
+
     try:
-        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with reported(out_of_memory):
+            train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         progress.close()
     if guard.stopped_at is not None:
@@ -373,14 +413,16 @@ def _run_training(cfg: TrainConfig, loaded: LoadedModel | None, held: contextlib
         log.warning("%d steps were skipped because their loss or gradients were not finite", guard.skipped)
 
     eval_metrics: dict[str, Any] = {}
-    if dev_features:
-        evaluated = [e for e in trainer.state.log_history if "eval_loss" in e]
-        if evaluated and evaluated[-1].get("step") == trainer.state.global_step:
-            eval_metrics = {k: v for k, v in evaluated[-1].items() if k.startswith("eval_")}
-        else:
-            eval_metrics = trainer.evaluate()
     adapter_dir = out / "adapter"
-    save_adapter(model, adapter_dir, {"step": trainer.state.global_step, "eval_loss": eval_metrics.get("eval_loss")})
+    with reported(out_of_memory):
+        if dev_features:
+            evaluated = [e for e in trainer.state.log_history if "eval_loss" in e]
+            if evaluated and evaluated[-1].get("step") == trainer.state.global_step:
+                eval_metrics = {k: v for k, v in evaluated[-1].items() if k.startswith("eval_")}
+            else:
+                eval_metrics = trainer.evaluate()
+        save_adapter(model, adapter_dir, {"step": trainer.state.global_step,
+                                          "eval_loss": eval_metrics.get("eval_loss")})
     best_dir = out / "best" if (out / "best").is_dir() else None
 
     best_losses = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
@@ -546,7 +588,7 @@ def _compare_after_training(cfg: TrainConfig, loaded: LoadedModel, template: str
                             sampling=Sampling(max_new_tokens=cfg.eval_max_new_tokens), max_samples=cfg.max_eval_samples,
                             max_source_length=cfg.max_source_length, dtype=cfg.dtype,
                             quantization=loaded.quantization, prompt_column=cfg.prompt_column,
-                            response_column=cfg.response_column)
+                            response_column=cfg.response_column, prompt_template=cfg.prompt_template or "")
     report, _, _ = run_compare(settings, overwrite=True, inside_run=True)
     log.info("before/after report written to %s", report)
     return report

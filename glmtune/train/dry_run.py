@@ -1,0 +1,221 @@
+"""`glmtune train CONFIG --dry-run`: check a config the way training would, without loading any weights or
+writing anything.
+
+It reads the model folder's config.json and tokenizer, builds the model on PyTorch's `meta` device (shapes
+only, no memory) with the method applied to count the trainable parameters, reads and tokenizes the data
+with the same functions as training, checks output_dir, and says what a run would write there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glmtune.config import TrainConfig, to_yaml
+from glmtune.data.preprocess import IGNORE_INDEX, Encoder, TruncationReport, encode_samples
+from glmtune.data.templates import get_template
+from glmtune.errors import GlmtuneError, one_line
+from glmtune.methods import get_method
+from glmtune.models.kbit import Quantization, check_bitsandbytes
+from glmtune.models.loader import (GLM4_STOP_TOKENS, NATIVE_FAMILIES, WEIGHT_PATTERNS, LoadedModel, known_token_ids,
+                                   native_classes, default_device, load_tokenizer, read_model_config, resolve_dtype,
+                                   stop_token_ids)
+from glmtune.train.trainer import (length_limits, training_arguments, check_output_dir, check_report_to,
+                                   default_output_dir, load_data, requested_quantization, resolved_config)
+
+
+@dataclass
+class DataSummary:
+    name: str
+    report: TruncationReport
+    tokens: int  # in the encoded samples, after cutting
+    answer_tokens: int  # of those, the ones the loss is computed on
+
+
+@dataclass
+class DryRun:
+    config: TrainConfig  # resolved, as resolved_config.yaml would hold it
+    family: str
+    model_path: Path
+    weight_files: int
+    trainable: int
+    total: int
+    data: list[DataSummary]
+    sequences: int  # training sequences per epoch (samples, or packed sequences)
+    steps: int
+    epochs: float
+    processes: int
+    writes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        cfg = self.config
+        out = cfg.output_dir
+        lines = ["# resolved options (what OUT/resolved_config.yaml would hold)", to_yaml(cfg).rstrip(), "",
+                 "# dry run: checked without loading weights; nothing was written"]
+        weights = (f"{self.weight_files} weight file{'s' if self.weight_files > 1 else ''}" if self.weight_files
+                   else "no weight files yet (training needs *.safetensors or *.bin there)")
+        lines.append(f"model: {self.model_path} (family {self.family}; config.json and tokenizer read; {weights})")
+        share = 100.0 * self.trainable / self.total if self.total else 0.0
+        lines.append(f"trainable parameters: {self.trainable:,} of {self.total:,} ({share:.4f}%), method {cfg.method}")
+        limits = length_limits(cfg).describe()
+        for item in self.data:
+            r = item.report
+            lines.append(f"{item.name} data: {r.samples} samples, {item.tokens:,} tokens ({item.answer_tokens:,} in "
+                         f"answers); cut: {r.samples_cut} samples (prompts {r.prompts_cut}, answers {r.answers_cut}, "
+                         f"later turns dropped {r.turns_dropped}, tokens dropped {r.tokens_dropped}) with {limits}")
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * self.processes
+        what = "packed sequences" if cfg.packing else "samples"
+        lines.append(f"steps: {self.steps} optimizer steps of {per_step} {what} (batch_size {cfg.batch_size} x "
+                     f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x {self.processes} "
+                     f"process{'es' if self.processes > 1 else ''}); {self.sequences} {what} per epoch, "
+                     f"{self.epochs:g} epochs")
+        lines.append(f"would write to {out}:")
+        lines += [f"  {w}" for w in self.writes]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def _stop_ids(tokenizer, family: str, path: Path) -> set[int]:
+    """The answer-ending tokens training encodes with (as load_model sets them up), without the weights."""
+    generation_config = None
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        generation_config = GenerationConfig.from_pretrained(path)
+    ids = stop_token_ids(tokenizer, generation_config)
+    if family == "glm4":
+        ids |= known_token_ids(tokenizer, GLM4_STOP_TOKENS)
+    return ids
+
+
+def _empty_model(path: Path, family: str, dtype):
+    """The model with every tensor on the meta device: its shapes and parameter count, no memory."""
+    from accelerate import init_empty_weights
+
+    if family in NATIVE_FAMILIES:
+        config_class, model_class, _ = native_classes(family)
+        config = config_class.from_pretrained(path)
+
+        def build():
+            return model_class(config)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise GlmtuneError(f"cannot read {path / 'config.json'}: {one_line(e)}") from None
+
+        def build():
+            return AutoModelForCausalLM.from_config(config)
+    with init_empty_weights():
+        model = build()
+    model.tie_weights()  # skipped on the meta device, and tied embeddings are one parameter, not two
+    return model.to(dtype)
+
+
+def _steps(cfg: TrainConfig, sequences: int, processes: int) -> tuple[int, float]:
+    """(optimizer steps, epochs) as the Trainer counts them: batches per process, rounded up, then
+    accumulated, rounded up; max_steps wins over num_train_epochs."""
+    batches = math.ceil(sequences / (cfg.batch_size * processes))
+    per_epoch = max(math.ceil(batches / cfg.gradient_accumulation_steps), 1)
+    if cfg.max_steps:
+        return cfg.max_steps, cfg.max_steps / per_epoch
+    return math.ceil(cfg.num_train_epochs * per_epoch), cfg.num_train_epochs
+
+
+def _checkpoint_steps(steps: int, every: int) -> list[int]:
+    saved = list(range(every, steps + 1, every))
+    return saved if saved and saved[-1] == steps else saved + [steps]
+
+
+def _writes(cfg: TrainConfig, steps: int, has_dev: bool, resume_from: Path | None, earlier: list[Path]) -> list[str]:
+    out = cfg.output_dir
+    saved = _checkpoint_steps(steps, cfg.save_steps)
+    if cfg.save_strategy == "no":
+        checkpoints = "no checkpoints (save_strategy no)"
+    elif cfg.save_strategy == "epoch":
+        checkpoints = (f"{out}/checkpoint-N/: a resumable checkpoint at the end of each epoch (save_strategy epoch; "
+                       f"the newest {cfg.save_total_limit} kept)")
+    else:
+        shown = ", ".join(map(str, saved)) if len(saved) <= 6 else f"{saved[0]}, {saved[1]}, ..., {saved[-1]}"
+        checkpoints = (f"{out}/checkpoint-N/: a resumable checkpoint at step {shown} ({len(saved)} in all, every "
+                       f"save_steps {cfg.save_steps} and at the end; the newest {cfg.save_total_limit} kept)")
+    writes = [f"{out}/resolved_config.yaml: the options above" + (" (rewritten once the checkpoint loads)"
+                                                                  if resume_from else ""),
+              f"{out}/train_log.jsonl: loss, learning rate and speed every logging_steps {cfg.logging_steps}",
+              checkpoints,
+              f"{out}/adapter/: the final {cfg.method} adapter"]
+    if has_dev:
+        writes.append(f"{out}/best/: the adapter with the best {cfg.metric_for_best} on dev_file")
+    writes += [f"{out}/metrics.json: final metrics, trainable parameters and the cut counts",
+               f"{out}/loss.png: the loss curve"]
+    if cfg.eval_generate and has_dev:
+        writes.append(f"{out}/report.md: answers of the base and the trained model to dev_file")
+    if cfg.report_to == "tensorboard":
+        writes.append(f"{out}/runs/: TensorBoard logs")
+    if resume_from:
+        writes.append(f"(continues from {resume_from})")
+    if earlier:
+        writes.append(f"(first removes the earlier run's {', '.join(p.name for p in earlier)}: overwrite is on)")
+    if cfg.dataset_cache:
+        writes.append("(and the tokenized data into glmtune's cache, outside output_dir)")
+    return writes
+
+
+def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
+    """Everything `glmtune train` checks before training, with the model built on the meta device."""
+    train_samples, dev_samples = load_data(cfg)
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
+    args = training_arguments(cfg, out, bool(dev_samples))  # refuses what the Trainer would (precision, ...)
+    resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, cfg=cfg)
+    check_report_to(cfg.report_to)
+
+    tokenizer, family, path = load_tokenizer(cfg.model)
+    quantization = requested_quantization(cfg).for_family(family)
+    stored = read_model_config(path).get("quantization_bit") if family in NATIVE_FAMILIES else None
+    if stored:  # an -int4 / -int8 checkpoint is read as it is stored
+        quantization = Quantization(bits=int(stored), backend="chatglm")
+    if quantization.backend == "bitsandbytes":  # a 64x64 test layer: can this machine quantize at all?
+        check_bitsandbytes(default_device(), family)
+    template = get_template(cfg.template, tokenizer, family)
+    encoder = Encoder(tokenizer, template, _stop_ids(tokenizer, family, path),
+                      split_special_tokens=cfg.split_special_tokens)
+    limits = length_limits(cfg)
+    summaries, train_features = [], []
+    for name, samples in (("train", train_samples), ("dev", dev_samples)):
+        if not samples:
+            continue
+        features, report = encode_samples(samples, encoder, limits, name=name, progress=False)
+        train_features = features if name == "train" else train_features
+        tokens = sum(len(f["input_ids"]) for f in features)
+        answer_tokens = sum(sum(1 for label in f["labels"] if label != IGNORE_INDEX) for f in features)
+        summaries.append(DataSummary(name, report, tokens, answer_tokens))
+    sequences = len(train_features)
+    if cfg.packing:
+        from glmtune.data.packing import pack_features
+
+        sequences = len(pack_features(train_features, cfg.cutoff_len))
+
+    model = _empty_model(path, family, resolve_dtype(cfg.dtype, default_device()))
+    loaded = LoadedModel(model, tokenizer, family, path, cfg.model, quantization)
+    # QLoRA's adapter is LoRA's; only the (here unbuilt) base differs, so the meta model takes plain LoRA
+    adapted = get_method("lora" if cfg.method == "qlora" else cfg.method).apply(model, cfg, family)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in adapted.parameters())
+    resolved = resolved_config(cfg, args, out, loaded, template.name, adapted)
+
+    steps, epochs = _steps(cfg, sequences, processes)
+    weight_files = sum(len(list(path.glob(p))) for p in WEIGHT_PATTERNS)
+    notes = []
+    if quantization.bits and not stored:
+        notes.append(f"the base's linear layers are quantized to {quantization.describe()} while loading; the "
+                     "total above counts them unquantized")
+    elif stored:
+        notes.append(f"the checkpoint is stored quantized to {stored} bits; the total above counts its packed weights "
+                     "(two 4-bit values to an element)" if int(stored) == 4 else
+                     f"the checkpoint is stored quantized to {stored} bits")
+    return DryRun(resolved, family, path, weight_files, trainable, total, summaries, sequences, steps, epochs,
+                  processes, _writes(resolved, steps, bool(dev_samples), resume_from, earlier), notes)
