@@ -138,10 +138,11 @@ class TrainingOptions:
     warmup_ratio: float = option(0.0, "Fraction of the steps spent warming the learning rate up from 0.", minimum=0, maximum=1)
     warmup_steps: int = option(0, "Steps spent warming the learning rate up from 0 (a count; give this or "
                                "warmup_ratio, not both).", minimum=0)
-    optim: str = option("adamw_torch", "Optimizer: adamw_torch (AdamW), adafactor (less memory: no full second "
-                        "moments), adamw_8bit or paged_adamw_8bit (AdamW with 8-bit states, through bitsandbytes; "
-                        "paged needs CUDA, elsewhere it runs unpaged).",
-                        choices=("adamw_torch", "adafactor", "adamw_8bit", "paged_adamw_8bit"))
+    optim: str = option("adamw_torch_fused", "Optimizer: adamw_torch_fused (AdamW in PyTorch's fused kernel, the "
+                        "Trainer's own default), adamw_torch (the same AdamW, unfused: equal up to rounding), "
+                        "adafactor (less memory: no full second moments), adamw_8bit or paged_adamw_8bit (AdamW with "
+                        "8-bit states, through bitsandbytes; paged needs CUDA, elsewhere it runs unpaged).",
+                        choices=("adamw_torch_fused", "adamw_torch", "adafactor", "adamw_8bit", "paged_adamw_8bit"))
     weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 turns clipping off).", minimum=0)
     nonfinite: str = option("skip", "A step whose loss or gradients are NaN or infinite: skip (drop its update, count "

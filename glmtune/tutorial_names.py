@@ -153,7 +153,7 @@ _TABLE = [
     _renamed("overwrite_output_dir", "overwrite", convert=_truth, flag=True),
     _renamed("report_to", "report_to", convert=_one_backend, many=True),
     _renamed("optim", "optim", convert=_choice(
-        {"adamw_torch": "adamw_torch", "adamw_hf": "adamw_torch", "adafactor": "adafactor",
+        {"adamw_torch_fused": "adamw_torch_fused", "adamw_torch": "adamw_torch", "adamw_hf": "adamw_torch", "adafactor": "adafactor",
          "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"})),
     _renamed("evaluation_strategy", "eval_each_epoch",
              convert=_choice({"no": False, "epoch": True, "steps": SKIP})),
