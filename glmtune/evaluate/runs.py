@@ -15,7 +15,7 @@ from typing import Any
 
 from glmtune.errors import GlmtuneError
 from glmtune.evaluate.generate import Sampling
-from glmtune.files import (NestingError, check_input_file, check_output_file, check_output_folder, loads, path_error,
+from glmtune.files import (NestingError, check_output_file, check_output_folder, loads, path_error, read_text,
                            write_text)
 from glmtune.models.kbit import Quantization
 
@@ -164,14 +164,8 @@ def score_file(path: str | Path, task: str = "auto") -> dict[str, Any]:
 
     if task not in TASKS:
         raise GlmtuneError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
-    path = check_input_file(path, "predictions file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise path_error(path, e, "cannot read") from None
-    except UnicodeDecodeError as e:
-        line = e.object.count(b"\n", 0, e.start) + 1
-        raise GlmtuneError(f"{path}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    path = Path(path)
+    text = read_text(path, "predictions file")
     pairs = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
