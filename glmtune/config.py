@@ -207,6 +207,17 @@ def _optional(annotation: Any) -> bool:
     return type(None) in typing.get_args(annotation)
 
 
+def truth(raw: Any) -> bool | None:
+    """A YAML/JSON boolean, or a word for one (true/yes/1/on, false/no/0/off); None for anything else."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
+        return False
+    return None
+
+
 def _coerce(key: str, raw: Any, f: dataclasses.Field, source: str) -> Any:
     """Turn a value from a file or the command line into the field's type, or explain why not."""
     kind = _base_type(f.type)
@@ -215,12 +226,9 @@ def _coerce(key: str, raw: Any, f: dataclasses.Field, source: str) -> Any:
             return None
         raise GlmtuneError(f"{source}: {key} cannot be empty (default: {f.default!r})")
     if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
-            return False
+        value = truth(raw)
+        if value is not None:
+            return value
         raise GlmtuneError(f"{source}: {key} must be true or false, got {shown(raw)}")
     if kind is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):

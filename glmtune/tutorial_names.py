@@ -36,15 +36,15 @@ class TutorialName:
 
 
 def _truth(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-        return True
-    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-        return False
-    if isinstance(value, int) and value in (0, 1):
+    """config.truth's words, and also the 0/1 integers the tutorials' JSON files write."""
+    from glmtune.config import truth  # (config imports this module only inside its functions)
+
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
         return bool(value)
-    raise ValueError("must be true or false")
+    result = truth(value)
+    if result is None:
+        raise ValueError("must be true or false")
+    return result
 
 
 def _when_true(result: Any) -> Callable[[Any], Any]:
