@@ -8,6 +8,7 @@ with the same functions as training, checks output_dir, and says what a run woul
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,11 @@ from glmtune.models.kbit import Quantization, check_bitsandbytes
 from glmtune.models.loader import (GLM4_STOP_TOKENS, NATIVE_FAMILIES, WEIGHT_PATTERNS, LoadedModel, known_token_ids,
                                    native_classes, default_device, load_tokenizer, read_model_config, resolve_dtype,
                                    stop_token_ids)
+from glmtune.train.memory import MemoryEstimate, estimate_training_memory
 from glmtune.train.trainer import (length_limits, training_arguments, check_output_dir, check_report_to,
                                    default_output_dir, load_data, requested_quantization, resolved_config)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class DryRun:
     processes: int
     writes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    memory: MemoryEstimate | None = None  # peak GPU memory of the worst training step
 
     def render(self) -> str:
         cfg = self.config
@@ -71,6 +76,9 @@ class DryRun:
                      f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} x {self.processes} "
                      f"process{'es' if self.processes > 1 else ''}); {self.sequences} {what} per epoch, "
                      f"{self.epochs:g} epochs")
+        if self.memory is not None:
+            lines.append(self.memory.describe())
+            lines += [f"  ({n})" for n in self.memory.notes]
         lines.append(f"would write to {out}:")
         lines += [f"  {w}" for w in self.writes]
         lines += [f"note: {n}" for n in self.notes]
@@ -165,6 +173,37 @@ def _writes(cfg: TrainConfig, steps: int, has_dev: bool, resume_from: Path | Non
     return writes
 
 
+def gpu_dtypes(cfg: TrainConfig):
+    """(compute dtype, weights dtype) of a run of `cfg` on a GPU: auto is bf16; fp16 precision computes
+    in fp16; fp32 precision computes in the weights' dtype."""
+    import torch
+
+    weights = torch.bfloat16 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.precision == "fp16":
+        return torch.float16, weights if cfg.dtype != "auto" else torch.float16
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and weights == torch.float32):
+        return torch.bfloat16, weights
+    return weights, weights
+
+
+def _memory(cfg: TrainConfig, model, features: list[dict], quantization: Quantization) -> MemoryEstimate | None:
+    """The estimate for the worst batch of the data: batch_size rows of the longest sample (cutoff_len when
+    packing), each with the longest answer (an upper bound)."""
+    if not features:
+        return None
+    cutoff = cfg.cutoff_len if cfg.packing else max(len(f["input_ids"]) for f in features)
+    answer = max(sum(1 for label in f["labels"] if label != IGNORE_INDEX) for f in features)
+    compute, weights = gpu_dtypes(cfg)
+    try:
+        return estimate_training_memory(
+            model, batch_size=cfg.batch_size, seq_len=cutoff, labelled=cfg.batch_size * answer, dtype=compute,
+            weights_dtype=weights, quantization=quantization, gradient_checkpointing=cfg.gradient_checkpointing,
+            optim=cfg.optim, device="cuda", masked=cfg.batch_size > 1 or cfg.packing)
+    except (AttributeError, TypeError, ValueError) as e:  # an architecture whose config the estimate cannot read
+        log.warning("no memory estimate for this model: %s", one_line(e))
+        return None
+
+
 def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
     """Everything `glmtune train` checks before training, with the model built on the meta device."""
     train_samples, dev_samples = load_data(cfg)
@@ -208,6 +247,7 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
     resolved = resolved_config(cfg, args, out, loaded, template.name, adapted)
 
     steps, epochs = _steps(cfg, sequences, processes)
+    memory = _memory(cfg, adapted, train_features, quantization)
     weight_files = sum(len(list(path.glob(p))) for p in WEIGHT_PATTERNS)
     notes = []
     if quantization.bits and not stored:
@@ -218,4 +258,4 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
                      "(two 4-bit values to an element)" if int(stored) == 4 else
                      f"the checkpoint is stored quantized to {stored} bits")
     return DryRun(resolved, family, path, weight_files, trainable, total, summaries, sequences, steps, epochs,
-                  processes, _writes(resolved, steps, bool(dev_samples), resume_from, earlier), notes)
+                  processes, _writes(resolved, steps, bool(dev_samples), resume_from, earlier), notes, memory)
