@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,7 +78,7 @@ class BatchLedger:
                 start += n
         batch = self.collator(features)
         self.batches.append({"real": real, "padded": int(batch["input_ids"].numel()), "samples": samples,
-                             "labelled": labelled, "flops": flops})
+                             "labelled": labelled, "flops": flops, "shape": list(batch["input_ids"].shape)})
         return batch
 
 
@@ -100,8 +100,14 @@ class StepClock:
         self.callback = Callback()
 
 
-def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int) -> dict[str, Any]:
-    """Train `warmup_steps + steps` optimizer steps with `recipe` in this process and measure the last `steps`."""
+def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int, *, random_weights: bool = False,
+               inspect: Callable[[Any, list[dict[str, Any]]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train `warmup_steps + steps` optimizer steps with `recipe` in this process and measure the last `steps`.
+
+    `random_weights`: the model folder's architecture with random weights, built on the device (its config
+    and tokenizer are enough; speed and memory do not depend on the values). `inspect(model, batches)`, if
+    given, is called after training with the trained model and every batch's ledger entry; what it returns
+    is added to the result."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
@@ -113,7 +119,7 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int) -> 
     from glmtune.data.preprocess import Encoder, LengthLimits
     from glmtune.data.templates import get_template
     from glmtune.methods import get_method
-    from glmtune.models.loader import default_device, load_model
+    from glmtune.models.loader import default_device, load_model, load_random_model
     from glmtune.train.loss import LabelledLossTrainer
     from glmtune.train.trainer import (FeatureDataset, _adapter_marked, training_arguments, pack_collator,
                                        requested_quantization)
@@ -129,7 +135,8 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int) -> 
     cfg = replace(cfg, quantization_bit=quantization.bits)
     device = default_device()
     set_seed(cfg.seed)
-    loaded = load_model(cfg.model, dtype=cfg.dtype, quantization=quantization)
+    loaded = (load_random_model if random_weights else load_model)(cfg.model, dtype=cfg.dtype,
+                                                                  quantization=quantization)
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
     limits = LengthLimits(cfg.max_source_length, cfg.max_target_length, cfg.cutoff_len)
     encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids, split_special_tokens=cfg.split_special_tokens)
@@ -184,6 +191,7 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int) -> 
         "peak_memory_kind": "allocated" if device.startswith("cuda") else
         ("resident, training only" if memory.since_start else "resident, whole process"),
         "model_flops_per_s": achieved,  # run_bench adds the matmul peak and the utilisation
+        **(inspect(model, ledger.batches) if inspect else {}),
     }
 
 

@@ -207,6 +207,11 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
         keep_standard_layout(model)  # the same weights and arithmetic on every CPU (see glmtune.models.kbit)
     if device and not extra:
         model.to(device)
+    return _ready(model, tokenizer, family, path, name, quantization)
+
+
+def _ready(model, tokenizer, family: str, path: Path, name: str, quantization: Quantization) -> LoadedModel:
+    """The generation settings every loaded model gets, and the LoadedModel around it."""
     if family == "chatglm3":  # end answers where the official chat() does
         model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))
     if family == "glm4":  # a turn ends at eos or where the next role would start, as GLM-4's generation_config says
@@ -217,6 +222,50 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
     # adapters record the base by this name: a folder by its absolute path, so they work from any directory
     recorded = name if name == DEFAULT_MODEL else os.path.abspath(os.path.expanduser(name))
     return LoadedModel(model, tokenizer, family, path, recorded, quantization)
+
+
+def load_random_model(name: str, *, dtype: str = "auto", device: str | None = None,
+                      quantization: Quantization | int = 0, seed: int = 0) -> LoadedModel:
+    """The architecture of `name`'s config.json with random weights, built directly on `device` (the
+    default device if None), with its real tokenizer: for measuring speed and memory (tools/gpu_check.py),
+    which do not depend on the weights' values. No weight file is read or needed. ChatGLM's own int4/int8
+    quantization is applied as load_model applies it; a bitsandbytes base is refused (it quantizes while
+    reading weights: save the random model and load_model that)."""
+    import torch
+
+    tokenizer, family, path = load_tokenizer(name)
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    quantization = Quantization.of(quantization).for_family(family)
+    if quantization.backend == "bitsandbytes":
+        raise GlmtuneError("random weights cannot be quantized by bitsandbytes here: save the model with "
+                           "save_pretrained and load it with quantization")
+    torch.manual_seed(seed)
+    if family in NATIVE_FAMILIES:
+        from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, quantize_modules
+
+        config_class, model_class, quantized_part = native_classes(family)
+        config = config_class.from_pretrained(path)
+        if family == "chatglm2":
+            config.rope_interpolates_positions = True  # as _load_native reads it
+        if config.quantization_bit:
+            raise GlmtuneError(f"{path}: a config of a stored-quantized checkpoint; give the full-precision "
+                               "config and quantization_bit instead")
+        with torch.device(device):
+            model = model_class._from_config(config, dtype=torch_dtype)
+        if quantization.backend == "chatglm":
+            quantize_modules(quantized_part(model), quantization.bits, CHATGLM_QUANTIZED_NAMES)
+            model.config.quantization_bit = quantization.bits
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
+    model.eval()  # as from_pretrained leaves it; the Trainer switches to training mode itself
+    for param_name, param in model.named_parameters():  # memory left uninitialised would poison every figure
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise GlmtuneError(f"random initialisation left non-finite values in {param_name}")
+    return _ready(model, tokenizer, family, path, name, quantization)
 
 
 def _stored_with_bitsandbytes(path: Path) -> bool:
