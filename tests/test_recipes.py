@@ -15,18 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from glmtune.bench.gpu.shapes import GLM4_9B_CONFIG  # glm-4-9b-chat-hf's config.json
 from glmtune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-
-# GLM-4-9B-Chat in the Hugging Face format (THUDM/glm-4-9b-chat-hf config.json), the values that shape it.
-GLM4_9B_CONFIG = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "hidden_size": 4096,
-                  "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 32,
-                  "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 151552, "attention_bias": True,
-                  "partial_rotary_factor": 0.5, "max_position_embeddings": 131072, "rms_norm_eps": 1.5625e-07,
-                  "tie_word_embeddings": False, "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338]}
-
 
 def shared_tokenizers(name: str) -> Path:
     from glmtune.paths import shared_dir
