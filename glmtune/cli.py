@@ -358,7 +358,8 @@ def _cmd_train(args, unknown, argv: list[str]) -> int:
         return 0
     if args.nproc > 1:  # what can be checked without the model is checked once, here, before any launch
         from glmtune.train.distributed import check_deepspeed
-        from glmtune.train.trainer import check_output_dir, check_report_to
+        from glmtune.train.recipe import check_report_to
+        from glmtune.train.run_folder import check_output_dir
 
         if config.deepspeed:
             check_deepspeed(config.deepspeed)

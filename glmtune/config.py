@@ -185,6 +185,33 @@ class TrainConfig(ModelOptions, DataOptions, MethodOptions, TrainingOptions):
     """Everything `glmtune train` reads."""
 
 
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the defaults that depend on other options worked out, and the combinations that cannot
+    work refused: the one place train, bench, `--dry-run` and resolved_config.yaml take them from.
+    Resolving a resolved config changes nothing.
+
+    - learning_rate: the method's default (DEFAULT_LEARNING_RATES) when not given;
+    - quantization_bit and quantization_backend: QLoRA is LoRA over a bitsandbytes base, 4-bit unless
+      quantization_bit says 8; the other methods quantize only when quantization_bit is set (the
+      family-dependent `auto` backend is worked out once the model's family is known);
+    - the options that need generated answers for dev_file need a dev_file."""
+    bits, backend = cfg.quantization_bit or 0, cfg.quantization_backend
+    if cfg.method == "qlora":
+        if cfg.quantization_bit == 0:
+            raise GlmtuneError("method qlora trains LoRA over a 4-bit or 8-bit base; quantization_bit 0 is method lora")
+        if backend == "chatglm":
+            raise GlmtuneError("method qlora quantizes the base with bitsandbytes; for LoRA over ChatGLM's own "
+                               "int8/int4 layout use method: lora with quantization_bit")
+        bits, backend = cfg.quantization_bit or 4, "bitsandbytes"
+    needs_dev = [name for name, used in (("metric_for_best", cfg.metric_for_best != "eval_loss"),
+                                         ("early_stopping_patience", cfg.early_stopping_patience > 0),
+                                         ("eval_generate", cfg.eval_generate)) if used]
+    if needs_dev and not cfg.dev_file:
+        raise GlmtuneError(f"{', '.join(needs_dev)} need(s) dev_file")
+    return dataclasses.replace(cfg, learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATES[cfg.method],
+                               quantization_bit=bits, quantization_backend=backend)
+
+
 def section_of(cls: type) -> list[tuple[str, list[dataclasses.Field]]]:
     """The option groups of a config class in documentation order: (section name, fields)."""
     groups = [c for c in (ModelOptions, DataOptions, MethodOptions, TrainingOptions) if issubclass(cls, c)] or [cls]

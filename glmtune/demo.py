@@ -24,7 +24,8 @@ from glmtune.evaluate.report import comparison_table, format_examples, write_rep
 from glmtune.methods import get_method
 from glmtune.models.loader import default_device, load_model
 from glmtune.paths import sample_data_dir
-from glmtune.train.trainer import default_output_dir, run_training
+from glmtune.train.run_folder import default_output_dir
+from glmtune.train.trainer import run_training
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ import torch
 from glmtune.config import TrainConfig
 from glmtune.data.collate import PadCollator
 from glmtune.data.preprocess import IGNORE_INDEX
-from glmtune.train.trainer import training_arguments
+from glmtune.train.recipe import training_arguments
 
 FEATURES = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
 

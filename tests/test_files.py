@@ -273,7 +273,7 @@ def test_a_name_too_long_anywhere_is_one_line(capsys):
 
 def test_an_unusable_dataset_cache_is_said_before_the_model_loads(tmp_path, monkeypatch, capsys, write_jsonl):
     from glmtune.cli import main
-    from glmtune.train import trainer
+    from glmtune.train import recipe
 
     blocker = tmp_path / "cache-file"
     blocker.write_text("not a folder")
@@ -285,7 +285,7 @@ def test_an_unusable_dataset_cache_is_said_before_the_model_loads(tmp_path, monk
         said_before_loading.append("not caching tokenized data" in capsys.readouterr().err)
         raise GlmtuneError("stopped here by the test")
 
-    monkeypatch.setattr(trainer, "load_model", load_model)
+    monkeypatch.setattr(recipe, "load_model", load_model)
     assert main(["train", "--train-file", str(data), "--output-dir", str(tmp_path / "run")]) == 2
     assert said_before_loading == [True]
     assert not (tmp_path / "run").exists()
@@ -293,7 +293,7 @@ def test_an_unusable_dataset_cache_is_said_before_the_model_loads(tmp_path, monk
 
 def test_deepspeed_and_training_folders_go_through_the_same_checks(tmp_path):
     from glmtune.train.distributed import check_deepspeed
-    from glmtune.train.trainer import check_output_dir
+    from glmtune.train.run_folder import check_output_dir
 
     deep = tmp_path / "ds.json"
     deep.write_text("{" + '"a": {' * 50_000 + "}" * 50_001, encoding="utf-8")

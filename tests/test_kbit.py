@@ -10,7 +10,7 @@ import pytest
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
 from glmtune.models.kbit import Quantization, is_repacked
-from glmtune.train.trainer import requested_quantization
+from glmtune.train.recipe import requested_quantization
 
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                         reason="bitsandbytes is not installed (make setup installs it)")

@@ -78,7 +78,7 @@ def test_packed_loss_and_gradients_equal_unpacked(family, method, tiny_family_di
     from glmtune.data.collate import PadCollator
     from glmtune.methods import get_method
     from glmtune.train.loss import model_inputs
-    from glmtune.train.trainer import pack_collator
+    from glmtune.train.recipe import pack_collator
 
     torch.manual_seed(0)
     loaded, features = _encoded(tiny_family_dir(family), varied_data)
@@ -113,7 +113,7 @@ def test_packed_samples_cannot_see_each_other(tiny_family_dir, varied_data):
     """The control for the test above: the same packed row with positions that do not restart (the
     samples then attend across their borders) gives a different loss."""
     from glmtune.train.loss import labelled_loss_sum, model_inputs
-    from glmtune.train.trainer import pack_collator
+    from glmtune.train.recipe import pack_collator
 
     loaded, features = _encoded(tiny_family_dir("generic"), varied_data)
     rows = pack_features(features, sum(len(f["input_ids"]) for f in features))
@@ -125,7 +125,7 @@ def test_packed_samples_cannot_see_each_other(tiny_family_dir, varied_data):
 
 def test_packing_is_refused_for_a_model_that_would_mix_samples(tiny_family_dir, varied_data):
     from glmtune.errors import GlmtuneError
-    from glmtune.train.trainer import pack_collator
+    from glmtune.train.recipe import pack_collator
 
     loaded, _ = _encoded(tiny_family_dir("generic"), varied_data)
     loaded.model.config._attn_implementation = "flash_attention_2"

@@ -325,7 +325,7 @@ def test_an_8bit_optimizer_comes_from_bitsandbytes(tmp_path):
     import torch
     from transformers import Trainer
 
-    from glmtune.train.trainer import training_arguments
+    from glmtune.train.recipe import training_arguments
 
     args = training_arguments(TrainConfig(optim="adamw_8bit"), tmp_path / "out", False)
     optimizer = Trainer(model=torch.nn.Linear(4, 4), args=args).create_optimizer()

@@ -108,68 +108,37 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int, *, 
     and tokenizer are enough; speed and memory do not depend on the values). `inspect(model, batches)`, if
     given, is called after training with the trained model and every batch's ledger entry; what it returns
     is added to the result."""
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
-
     from glmtune.bench.measure import FlopCounter, PeakMemory
-    from glmtune.data.cache import encode_cached
     from glmtune.data.collate import PadCollator
-    from glmtune.data.formats import load_samples
-    from glmtune.data.packing import pack_features
-    from glmtune.data.preprocess import Encoder, LengthLimits
-    from glmtune.data.templates import get_template
-    from glmtune.methods import get_method
-    from glmtune.models.loader import default_device, load_model, load_random_model
-    from glmtune.train.loss import LabelledLossTrainer
-    from glmtune.train.trainer import (FeatureDataset, _adapter_marked, training_arguments, pack_collator,
-                                       requested_quantization)
+    from glmtune.models.loader import default_device, load_random_model
+    from glmtune.train.recipe import build_trainer, prepare
 
     cfg = recipe_config(cfg, recipe)
     if not cfg.train_file:
         raise GlmtuneError("bench needs --data FILE (training data in any format train accepts)")
-    columns = {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column,
-               "prompt_template": cfg.prompt_template}
-    samples, _ = load_samples(cfg.train_file, **columns)
-    samples = samples[: cfg.max_train_samples] if cfg.max_train_samples else samples
-    quantization = requested_quantization(cfg)
-    cfg = replace(cfg, quantization_bit=quantization.bits)
     device = default_device()
-    set_seed(cfg.seed)
-    loaded = (load_random_model if random_weights else load_model)(cfg.model, dtype=cfg.dtype,
-                                                                  quantization=quantization)
-    template = get_template(cfg.template, loaded.tokenizer, loaded.family)
-    limits = LengthLimits(cfg.max_source_length, cfg.max_target_length, cfg.cutoff_len)
-    encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids, split_special_tokens=cfg.split_special_tokens)
-    features, _, _ = encode_cached(cfg.train_file, samples, encoder, limits, name="train",
-                                   key_extra={**columns, "template": template.name}, enabled=cfg.dataset_cache,
-                                   progress=False)
-    pad_id = loaded.tokenizer.pad_token_id
-    if recipe == "tutorial":
-        collator = PadCollator(pad_id, fixed_length=cfg.max_source_length + cfg.max_target_length, count_tokens=True)
-    elif cfg.packing:
-        collator = pack_collator(loaded)
-        features = pack_features(features, cfg.cutoff_len)
-    else:
-        collator = PadCollator(pad_id, count_tokens=True)
-
-    model = get_method(cfg.method).apply(loaded.model, cfg, loaded.family)
-    model.config.use_cache = False
-    ledger = BatchLedger(collator, FlopCounter.of(model, cfg.pre_seq_len if cfg.method == "ptuning" else 0))
-    clock = StepClock(device)
     total_steps = warmup_steps + steps
+    # Training steps only: no dev data, no evaluation, no checkpoint or log inside the timed steps.
     run_cfg = replace(cfg, max_steps=total_steps, save_steps=total_steps + 1, logging_steps=total_steps + 1,
-                      eval_steps=0, report_to="none")
+                      eval_steps=0, eval_on_start=False, report_to="none", dev_file=None, metric_for_best="eval_loss",
+                      early_stopping_patience=0, eval_generate=False)
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as out:
-        with _adapter_marked(model):
-            trainer = LabelledLossTrainer(model=model, args=training_arguments(run_cfg, Path(out), False),
-                                          data_collator=ledger, train_dataset=FeatureDataset(features),
-                                          callbacks=[clock.callback], labelled_logits=recipe != "tutorial")
-        trainer.remove_callback(PrinterCallback)
+        prepared = prepare(replace(run_cfg, output_dir=out), load=load_random_model if random_weights else None,
+                           progress=False)
+        cfg, model, limits = prepared.cfg, prepared.model, prepared.limits
+        collator = prepared.collator
+        if recipe == "tutorial":  # every sample padded to max_source_length + max_target_length
+            collator = PadCollator(prepared.loaded.tokenizer.pad_token_id,
+                                   fixed_length=cfg.max_source_length + cfg.max_target_length, count_tokens=True)
+        ledger = BatchLedger(collator, FlopCounter.of(model, cfg.pre_seq_len if cfg.method == "ptuning" else 0))
+        clock = StepClock(device)
+        trainer = build_trainer(prepared, [clock.callback], collator=ledger, labelled_logits=recipe != "tutorial")
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         memory = PeakMemory(device)
         memory.start()
         trainer.train()
         peak = memory.peak_bytes()
+    loaded = prepared.loaded
     seconds = clock.times[total_steps] - clock.times[warmup_steps]
     accumulation = cfg.gradient_accumulation_steps
     timed = ledger.batches[warmup_steps * accumulation:total_steps * accumulation]

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmtune.config import TrainConfig, to_yaml
+from glmtune.config import TrainConfig, resolve, to_yaml
 from glmtune.data.preprocess import IGNORE_INDEX, Encoder, TruncationReport, encode_samples
 from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError, one_line
@@ -23,8 +23,9 @@ from glmtune.models.loader import (GLM4_STOP_TOKENS, NATIVE_FAMILIES, WEIGHT_PAT
                                    native_classes, default_device, load_tokenizer, read_model_config, resolve_dtype,
                                    stop_token_ids)
 from glmtune.train.memory import MemoryEstimate, estimate_training_memory
-from glmtune.train.trainer import (length_limits, training_arguments, check_output_dir, check_report_to,
-                                   default_output_dir, load_data, requested_quantization, resolved_config)
+from glmtune.train.recipe import (check_report_to, length_limits, load_data, requested_quantization, resolved_config,
+                                  training_arguments)
+from glmtune.train.run_folder import check_output_dir, default_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def _memory(cfg: TrainConfig, model, features: list[dict], quantization: Quantiz
 
 def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
     """Everything `glmtune train` checks before training, with the model built on the meta device."""
+    cfg = resolve(cfg)
     train_samples, dev_samples = load_data(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     args = training_arguments(cfg, out, bool(dev_samples))  # refuses what the Trainer would (precision, ...)

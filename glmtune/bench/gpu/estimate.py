@@ -17,7 +17,7 @@ def predict_for_run(model, cfg, rows: int, length: int, labelled: int, device: s
     """The estimate for one batch shape, with the run's model (method applied, possibly quantized)."""
     from glmtune.models.loader import resolve_dtype
     from glmtune.train.memory import estimate_training_memory
-    from glmtune.train.trainer import requested_quantization
+    from glmtune.train.recipe import requested_quantization
 
     estimate = estimate_training_memory(
         model, batch_size=rows, seq_len=length, labelled=labelled, dtype=resolve_dtype(cfg.dtype, device),

@@ -148,7 +148,8 @@ def _bench_case(case: Case, cfg: TrainConfig, recipe: str, steps: tuple[int, int
 def _loop_case(case: Case, cfg: TrainConfig, steps: int, work: Path) -> dict[str, Any]:
     """The real training loop (as `glmtune train` runs it) for `steps` steps, logging every step."""
     from glmtune.models.loader import load_random_model
-    from glmtune.train.trainer import requested_quantization, run_training
+    from glmtune.train.recipe import requested_quantization
+    from glmtune.train.trainer import run_training
 
     out = work / f"run-{case.name}"
     cfg = replace(cfg, output_dir=str(out), overwrite=True, max_steps=steps, logging_steps=1, save_strategy="no")
