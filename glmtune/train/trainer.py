@@ -554,12 +554,13 @@ def _check_answer_options(cfg: TrainConfig, dev_samples) -> None:
 def _answer_metrics(cfg: TrainConfig, loaded: LoadedModel, template: str, dev_samples):
     """A callable that answers the dev prompts with the model being trained and returns the metrics, flat:
     overall ones by name (bleu-4) and task ones as task_name (extraction_f1)."""
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
     from glmtune.evaluate.metrics import compute_metrics
+    from glmtune.inference.generate import Generator
 
     prompts = [s.prompt_messages for s in dev_samples]
     references = [s.reference for s in dev_samples]
-    sampling = Sampling(max_new_tokens=cfg.eval_max_new_tokens)
+    sampling = GenerationOptions(max_new_tokens=cfg.eval_max_new_tokens)
 
     def measure(model) -> dict[str, float]:
         was_training = model.training
@@ -580,12 +581,13 @@ def _answer_metrics(cfg: TrainConfig, loaded: LoadedModel, template: str, dev_sa
 
 
 def _compare_after_training(cfg: TrainConfig, loaded: LoadedModel, template: str, out: Path, adapter: Path) -> Path:
-    from glmtune.evaluate.generate import Sampling
+    from glmtune.config import GenerationOptions
     from glmtune.evaluate.runs import EvalSettings, run_compare
 
     settings = EvalSettings(data=cfg.dev_file, output_dir=str(out), model=loaded.name, adapter=str(adapter),
                             template=template, batch_size=cfg.eval_batch_size,
-                            sampling=Sampling(max_new_tokens=cfg.eval_max_new_tokens), max_samples=cfg.max_eval_samples,
+                            generation=GenerationOptions(max_new_tokens=cfg.eval_max_new_tokens),
+                            max_samples=cfg.max_eval_samples,
                             max_source_length=cfg.max_source_length, dtype=cfg.dtype,
                             quantization=loaded.quantization, prompt_column=cfg.prompt_column,
                             response_column=cfg.response_column, prompt_template=cfg.prompt_template or "")
