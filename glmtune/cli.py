@@ -344,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Every --multi-word-option may also be written with underscores (--max_new_tokens).")
     parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs (transformers' too)")
-    parser.set_defaults(leftovers=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(commands)
@@ -675,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
-    if unknown and not args.leftovers:
+    leftovers = getattr(args, "leftovers", False)  # set by train and bench only
+    if unknown and not leftovers:
         parser.parse_args(argv)  # let argparse print its usage error (exit 2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # glmtune never downloads; fail fast instead of waiting
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     held = hold_back_bitsandbytes()  # imported only where a bitsandbytes base is used (see glmtune.models.kbit)
     try:
         _setup_logging(args.verbose)
-        return args.func(args, unknown, argv) if args.leftovers else args.func(args)
+        return args.func(args, unknown, argv) if leftovers else args.func(args)
     except (GlmtuneError, OSError, RuntimeError, MemoryError) as e:
         if isinstance(e, (RuntimeError, MemoryError)):  # torch.OutOfMemoryError is a RuntimeError
             from glmtune.oom import last_resort_message
