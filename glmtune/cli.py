@@ -15,32 +15,14 @@ import warnings
 from pathlib import Path
 
 from glmtune import __version__
-from glmtune.config import DEFAULT_MODEL, TEMPLATE_CHOICES, TrainConfig, add_arguments, config_from_args
+from glmtune.config import (DEFAULT_MODEL, TEMPLATE_CHOICES, TrainConfig, add_arguments, add_generation_arguments,
+                            config_from_args, generation_from_args, number_type)
 from glmtune.errors import GlmtuneError
 
 log = logging.getLogger("glmtune")
 
 
-def _number(kind: type, minimum: float, *, above: bool = False, maximum: float | None = None):
-    """An argparse type: a number of `kind` that is at least `minimum` (greater, if `above`), at most `maximum`."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if value < minimum or (above and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, 1)
-_non_negative_float = _number(float, 0)
+_positive_int = number_type(int, 1)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,23 +46,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                           "its one field with the typed message")
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens,
-                        help=f"longest answer in tokens (default: {max_new_tokens})")
-    parser.add_argument("--temperature", type=_non_negative_float, default=0.0,
-                        help="0 (default) decodes greedily; above 0 samples")
-    parser.add_argument("--top-p", type=_number(float, 0, above=True, maximum=1), default=1.0,
-                        help="nucleus sampling mass when sampling (default: 1.0)")
-    parser.add_argument("--repetition-penalty", type=_number(float, 0, above=True), default=1.0,
-                        help="above 1 discourages repeats (default: 1.0)")
-    parser.add_argument("--seed", type=_number(int, 0, maximum=2 ** 32 - 1), default=None,
-                        help="random seed for sampling (0 to 4294967295, as numpy takes)")
-
-
 def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=_number(int, 0, maximum=65535), default=port,
+    parser.add_argument("--port", type=number_type(int, 0, maximum=65535), default=port,
                         help=f"TCP port (default: {port}; 0 picks a free one and prints it)")
 
 
@@ -108,7 +77,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cut longer prompts to this many tokens (default: no limit)")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of continuing an earlier run")
     _add_column_arguments(parser)
-    _add_sampling_arguments(parser, 256)
+    add_generation_arguments(parser)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,13 +94,11 @@ class _Parser(argparse.ArgumentParser):
         return action
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="glmtune", description=__doc__.splitlines()[0], allow_abbrev=False,
-                     epilog="Every --multi-word-option may also be written with underscores (--max_new_tokens).")
-    parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs (transformers' too)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+# One builder per command: it adds the command's parser and names the function that runs it (set_defaults);
+# `leftovers`: the command reads the words argparse does not know (train's and bench's config options).
 
+
+def _add_train(commands) -> None:
     # CONFIG and key=value words are read from argparse's leftovers, so they may stand anywhere.
     train = commands.add_parser(
         "train", allow_abbrev=False, help="fine-tune a model",
@@ -155,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "folder's config.json and tokenizer and the data, check output_dir, and print the "
                             "resolved options, trainable parameters, data and cut counts, steps and what a run "
                             "would write")
+    train.set_defaults(func=_cmd_train, leftovers=True)
 
+
+def _add_predict(commands) -> None:
     predict = commands.add_parser("predict", allow_abbrev=False, help="answer every row of a data file",
                                   description="Batched generation (greedy unless --temperature > 0) with left "
                                               "padding; each output line is the input row plus `prediction`, "
@@ -168,22 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cut longer prompts to this many tokens (default: no limit)")
     predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _add_column_arguments(predict)
-    _add_sampling_arguments(predict, 256)
+    add_generation_arguments(predict)
+    predict.set_defaults(func=_cmd_predict)
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval", allow_abbrev=False, help="answer a data file and score the answers",
         description="Batched generation (greedy unless --temperature > 0, then seeded) into OUTPUT/predictions.jsonl, "
                     "streamed and resumable: the same command continues an interrupted run. Then the metrics "
                     "(docs/metrics.md) into OUTPUT/metrics.json and a table.")
     _add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_eval)
 
+
+def _add_compare(commands) -> None:
     compare = commands.add_parser(
         "compare", allow_abbrev=False, help="base vs tuned model on the same data, with report.md",
         description="Runs `eval` twice, for the adapter's base model (OUTPUT/base) and for the tuned model "
                     "(OUTPUT/tuned), then writes OUTPUT/report.md: metric table, per-task results and examples "
                     "side by side.")
     _add_eval_arguments(compare)
+    compare.set_defaults(func=_cmd_compare)
 
+
+def _add_metrics(commands) -> None:
     metrics = commands.add_parser(
         "metrics", allow_abbrev=False, help="score an existing predictions file",
         description="Metrics from a JSONL file whose lines hold `target` and `prediction` (other fields are "
@@ -193,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (default) detects each row's task from its target's shape")
     metrics.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
     metrics.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    # looked up when the parser is built, so a test can stand in for it
+    metrics.set_defaults(func=_cmd_metrics)
 
+
+def _add_chat(commands) -> None:
     chat = commands.add_parser("chat", allow_abbrev=False, help="chat in the terminal",
                                description="Interactive chat that streams the answer. 'clear' forgets the "
                                            "conversation, 'exit' or Ctrl-D leaves, Ctrl-C stops an answer "
@@ -201,8 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(chat)
     chat.add_argument("--no-history", action="store_true", help="answer every message on its own")
     chat.add_argument("--system", default=None, help="system prompt")
-    _add_sampling_arguments(chat, 512)
+    add_generation_arguments(chat, defaults={"max_new_tokens": 512})
+    chat.set_defaults(func=_cmd_chat)
 
+
+def _add_serve(commands) -> None:
     serve = commands.add_parser(
         "serve", allow_abbrev=False, help="OpenAI-compatible HTTP API",
         description="Serves one model (base or base + adapter) through an OpenAI-compatible API: GET /v1/models, "
@@ -223,16 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=_positive_int, default=4 * 1024 * 1024, metavar="N",
                        help="largest request body; larger ones are answered 413 before they are read "
                             "(default: 4194304, 4 MiB)")
-    serve.add_argument("--read-timeout", type=_number(float, 0, above=True), default=30.0, metavar="SECONDS",
+    serve.add_argument("--read-timeout", type=number_type(float, 0, above=True), default=30.0, metavar="SECONDS",
                        help="time a client has to send a request's headers, and again its body; slower requests "
                             "are dropped (headers) or answered 408 (default: 30)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model id clients see (default: the run's or the model's folder name)")
-    serve.add_argument("--max-new-tokens", type=_positive_int, default=512,
-                       help="answer length when a request gives no max_tokens (default: 512, cut to the context)")
+    # a request gives its own sampling options; the server sets only the length of answers that give none
+    add_generation_arguments(serve, only=("max_new_tokens",), defaults={"max_new_tokens": 512},
+                             helps={"max_new_tokens": "answer length when a request gives no max_tokens "
+                                                      "(default: {default}, cut to the context)"})
     serve.add_argument("--max-queue", type=_positive_int, default=256,
                        help="requests allowed to wait; more are answered 503 (default: 256)")
+    serve.set_defaults(func=_cmd_serve)
 
+
+def _add_webui(commands) -> None:
     webui = commands.add_parser(
         "webui", allow_abbrev=False, help="chat in the browser (Gradio)",
         description="A chat page (Gradio) with history, a clear button and sliders for answer length, temperature "
@@ -240,8 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(webui)
     _add_server_arguments(webui, 7860)
     webui.add_argument("--system", default=None, help="system prompt")
-    _add_sampling_arguments(webui, 512)
+    add_generation_arguments(webui, defaults={"max_new_tokens": 512})
+    webui.set_defaults(func=_cmd_webui)
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", allow_abbrev=False, help="merge a LoRA into its base, or export a P-Tuning prefix",
         description="With --merge, folds a LoRA adapter into its base weights and saves a normal checkpoint "
@@ -261,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight dtype of the export (default: the base checkpoint's for --merge, else float32)")
     export.add_argument("--no-check", action="store_true", help="skip comparing the export's answers with the adapter's")
     export.add_argument("--overwrite", action="store_true", help="replace --output if it holds files")
+    export.set_defaults(func=_cmd_export)
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", allow_abbrev=False, help="before/after LoRA fine-tuning on the sample data",
                                description="Evaluate the default model on the shipped sample dev set, fine-tune it "
                                            "with LoRA on the sample train set for a few minutes, evaluate again, "
@@ -272,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dev-samples", type=_positive_int, default=None,
                       help="evaluate on the first N dev rows (default: the demo recipe's)")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
+    demo.set_defaults(func=_cmd_demo)
 
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser(
         "bench", allow_abbrev=False, help="training speed, memory and utilisation: glmtune's recipe vs the tutorials'",
         usage="glmtune bench [CONFIG.yaml|.json] [key=value ...] --data FILE [--steps N] [--recipe R] [--option VALUE ...]",
@@ -302,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "eval_generate", "save_steps", "save_total_limit", "logging_steps",
                                             "save_strategy", "warmup_steps",
                                             "report_to", "max_eval_samples", "eval_batch_size"))
+    bench.set_defaults(func=_cmd_bench, leftovers=True)
 
+
+def _add_data(commands) -> None:
     data = commands.add_parser("data", help="validate, measure and split data files")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     validate = data_commands.add_parser("validate", allow_abbrev=False, help="check a data file, row by row")
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-answers", action="store_true", help="the rows are prediction inputs (answers optional)")
     _add_column_arguments(validate)
     _add_prompt_template_argument(validate, "none")
+    validate.set_defaults(func=_cmd_data_validate)
     stats = data_commands.add_parser("stats", allow_abbrev=False,
                                      help="token lengths and what length limits would cut")
     stats.add_argument("file")
@@ -321,12 +325,28 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print the numbers as JSON")
     _add_column_arguments(stats)
     _add_prompt_template_argument(stats, "none")
+    stats.set_defaults(func=_cmd_data_stats)
     split = data_commands.add_parser("split", allow_abbrev=False, help="reproducible train/dev split")
     split.add_argument("file")
     split.add_argument("--dev-ratio", type=float, default=0.1, help="share of rows for dev (default: 0.1)")
     split.add_argument("--seed", type=int, default=42, help="shuffle seed (default: 42)")
     split.add_argument("--output-dir", default=None, help="where to write (default: beside FILE)")
     split.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    split.set_defaults(func=_cmd_data_split)
+
+
+COMMANDS = (_add_train, _add_predict, _add_eval, _add_compare, _add_metrics, _add_chat, _add_serve, _add_webui,
+            _add_export, _add_demo, _add_bench, _add_data)  # in the order --help lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="glmtune", description=__doc__.splitlines()[0], allow_abbrev=False,
+                     epilog="Every --multi-word-option may also be written with underscores (--max_new_tokens).")
+    parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs (transformers' too)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(commands)
     return parser
 
 
@@ -377,7 +397,7 @@ def _cmd_train(args, unknown, argv: list[str]) -> int:
     return 0
 
 
-def _cmd_bench(args, unknown) -> int:
+def _cmd_bench(args, unknown, argv: list[str]) -> int:
     from glmtune.bench.run import RECIPES, BenchSettings, format_table, run_bench
 
     flags = [w for w in unknown if w.startswith("-")]
@@ -400,7 +420,7 @@ def _cmd_bench(args, unknown) -> int:
 
 def _generator(args):
     from glmtune.data.preprocess import LengthLimits
-    from glmtune.evaluate.generate import Generator
+    from glmtune.inference.generate import Generator
     from glmtune.methods.adapter import load_tuned_model
 
     if getattr(args, "seed", None) is not None:
@@ -426,15 +446,9 @@ def _prompt_template(args, *, typed: bool = False) -> str | None:
     return template
 
 
-def _sampling(args):
-    from glmtune.evaluate.generate import Sampling
-
-    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
-
-
 def _cmd_predict(args) -> int:
     from glmtune.data.formats import load_samples
-    from glmtune.evaluate.generate import write_predictions
+    from glmtune.evaluate.predictions import write_predictions
     from glmtune.files import check_output_file
 
     # Check the output and read and validate the input before spending time on loading the model.
@@ -442,7 +456,7 @@ def _cmd_predict(args) -> int:
     samples, _ = load_samples(args.input, prompt_column=args.prompt_column, response_column=args.response_column,
                               require_answer=False, prompt_template=_prompt_template(args))
     answers = write_predictions(_generator(args), samples, args.output, batch_size=args.batch_size,
-                                sampling=_sampling(args))
+                                generation=generation_from_args(args))
     print(f"wrote {len(answers)} predictions to {args.output}")
     return 0
 
@@ -451,8 +465,9 @@ def _eval_settings(args):
     from glmtune.evaluate.runs import EvalSettings
 
     return EvalSettings(data=args.data, output_dir=args.output, model=args.model, adapter=args.adapter,
-                        template=args.template, task=args.task, batch_size=args.batch_size, sampling=_sampling(args),
-                        seed=args.seed, max_samples=args.max_samples, max_source_length=args.max_source_length,
+                        template=args.template, task=args.task, batch_size=args.batch_size,
+                        generation=generation_from_args(args), max_samples=args.max_samples,
+                        max_source_length=args.max_source_length,
                         dtype=args.dtype, quantization=args.quantization_bit, pre_seq_len=args.pre_seq_len,
                         prompt_column=args.prompt_column, response_column=args.response_column,
                         prompt_template=args.prompt_template)
@@ -498,10 +513,14 @@ def _cmd_chat(args) -> int:
     from glmtune.serve.chat import chat_loop
     from glmtune.serve.engine import ChatEngine
 
+    from dataclasses import replace
+
     template = _prompt_template(args, typed=True)
-    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens, prompt_template=template)
+    # --seed seeds the session once (_generator), not every answer again
+    generation = replace(generation_from_args(args), seed=None)
+    engine = ChatEngine(_generator(args), generation=generation, prompt_template=template)
     try:
-        chat_loop(engine, keep_history=not args.no_history, system=args.system, sampling=_sampling(args))
+        chat_loop(engine, keep_history=not args.no_history, system=args.system, generation=generation)
     finally:
         engine.close()
     return 0
@@ -558,7 +577,7 @@ def _cmd_serve(args) -> int:
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
     generator = _generator(args)
     name = _served_name(args)
-    engine = ChatEngine(generator, default_max_tokens=args.max_new_tokens, max_queue=args.max_queue,
+    engine = ChatEngine(generator, generation=generation_from_args(args), max_queue=args.max_queue,
                         prompt_template=template)
     print(f"glmtune: serving {name} at {url(args.host, sock.getsockname()[1])}/v1 (OpenAI-compatible; Ctrl-C stops)",
           flush=True)
@@ -584,7 +603,7 @@ def _cmd_webui(args) -> int:
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     sock.close()  # Gradio binds the port itself; held until here so a taken port fails before loading
-    engine = ChatEngine(_generator(args), default_max_tokens=args.max_new_tokens, prompt_template=template)
+    engine = ChatEngine(_generator(args), generation=generation_from_args(args), prompt_template=template)
     launch(engine, host=args.host, port=port, title=_served_name(args), system=args.system,
            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
            repetition_penalty=args.repetition_penalty,
@@ -609,47 +628,46 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_data(args) -> int:
-    from glmtune.data.formats import load_samples
-
-    columns = {"prompt_column": args.prompt_column, "response_column": args.response_column} \
-        if hasattr(args, "prompt_column") else {}
-    if getattr(args, "prompt_template", None):
+def _data_columns(args) -> dict:
+    """The column options of `glmtune data validate` and `stats`, --prompt-template checked."""
+    columns = {"prompt_column": args.prompt_column, "response_column": args.response_column}
+    if args.prompt_template:
         from glmtune.data.prompt_template import check_template
 
         columns["prompt_template"] = check_template(args.prompt_template, "--prompt-template")
-    if args.data_command == "validate":
-        samples, fmt = load_samples(args.file, require_answer=not args.no_answers, **columns)
-        turns = sum(sum(m.role == "assistant" and m.trainable for m in s.messages) for s in samples)
-        print(f"{args.file}: OK, {len(samples)} samples ({fmt.name} format, {turns} trained answers)")
-        return 0
-    if args.data_command == "split":
-        from glmtune.data.split import split_file
+    return columns
 
-        train, dev, n_train, n_dev = split_file(args.file, dev_ratio=args.dev_ratio, seed=args.seed,
-                                                output_dir=args.output_dir, overwrite=args.overwrite)
-        print(f"{n_train} rows -> {train}\n{n_dev} rows -> {dev}")
-        return 0
-    from dataclasses import asdict
 
-    from glmtune.data.preprocess import Encoder, LengthLimits
-    from glmtune.data.stats import format_stats, length_stats
-    from glmtune.data.templates import get_template
+def _cmd_data_validate(args) -> int:
+    from glmtune.data.formats import load_samples
+
+    samples, fmt = load_samples(args.file, require_answer=not args.no_answers, **_data_columns(args))
+    turns = sum(sum(m.role == "assistant" and m.trainable for m in s.messages) for s in samples)
+    print(f"{args.file}: OK, {len(samples)} samples ({fmt.name} format, {turns} trained answers)")
+    return 0
+
+
+def _cmd_data_split(args) -> int:
+    from glmtune.data.split import split_file
+
+    train, dev, n_train, n_dev = split_file(args.file, dev_ratio=args.dev_ratio, seed=args.seed,
+                                            output_dir=args.output_dir, overwrite=args.overwrite)
+    print(f"{n_train} rows -> {train}\n{n_dev} rows -> {dev}")
+    return 0
+
+
+def _cmd_data_stats(args) -> int:
+    from glmtune.data.preprocess import LengthLimits
+    from glmtune.data.stats import file_stats
     from glmtune.models.loader import load_tokenizer, stop_token_ids
 
-    samples, _ = load_samples(args.file, **columns)
-    tokenizer, family, _ = load_tokenizer(args.model)
-    template = get_template(args.template, tokenizer, family)
-    encoder = Encoder(tokenizer, template, stop_token_ids(tokenizer))
+    def tokenizer():
+        loaded, family, _ = load_tokenizer(args.model)
+        return loaded, family, stop_token_ids(loaded)
+
     limits = LengthLimits(args.max_source_length, args.max_target_length, args.cutoff_len)
-    stats = length_stats(samples, encoder, limits)
-    if args.json:
-        data = asdict(stats)
-        data["suggestions"] = {k: asdict(v) for k, v in stats.suggestions.items()}
-        print(json.dumps(data, indent=2))
-    else:
-        print(format_stats(stats, f"{args.file}: {stats.samples} samples, tokenizer of {args.model}, "
-                                  f"template {template.name}"))
+    print(file_stats(args.file, tokenizer, template=args.template, limits=limits, as_json=args.json,
+                     model_name=args.model, **_data_columns(args)))
     return 0
 
 
@@ -657,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("train", "bench"):
+    leftovers = getattr(args, "leftovers", False)  # set by train and bench only
+    if unknown and not leftovers:
         parser.parse_args(argv)  # let argparse print its usage error (exit 2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # glmtune never downloads; fail fast instead of waiting
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -666,29 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     held = hold_back_bitsandbytes()  # imported only where a bitsandbytes base is used (see glmtune.models.kbit)
     try:
         _setup_logging(args.verbose)
-        if args.command == "train":
-            return _cmd_train(args, unknown, argv)
-        if args.command == "predict":
-            return _cmd_predict(args)
-        if args.command == "chat":
-            return _cmd_chat(args)
-        if args.command == "eval":
-            return _cmd_eval(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
-        if args.command == "metrics":
-            return _cmd_metrics(args)
-        if args.command == "serve":
-            return _cmd_serve(args)
-        if args.command == "webui":
-            return _cmd_webui(args)
-        if args.command == "export":
-            return _cmd_export(args)
-        if args.command == "demo":
-            return _cmd_demo(args)
-        if args.command == "bench":
-            return _cmd_bench(args, unknown)
-        return _cmd_data(args)
+        return args.func(args, unknown, argv) if leftovers else args.func(args)
     except (GlmtuneError, OSError, RuntimeError, MemoryError) as e:
         if isinstance(e, (RuntimeError, MemoryError)):  # torch.OutOfMemoryError is a RuntimeError
             from glmtune.oom import last_resort_message

@@ -499,3 +499,61 @@ def to_yaml(config) -> str:
             value = getattr(config, f.name)
             lines.append(yaml.safe_dump({f.name: value}, allow_unicode=True, default_flow_style=False).strip())
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: one set of names for predict, eval, compare, chat, serve and webui (glmtune/inference)
+
+
+def number_type(kind: type, minimum: float, *, above: bool = False, maximum: float | None = None):
+    """An argparse type: a number of `kind` that is at least `minimum` (greater, if `above`), at most `maximum`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {minimum}, "
+                                             f"got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+@dataclass
+class GenerationOptions:
+    """How answers are generated: greedy unless `temperature` > 0. `{default}` in a help text is the default
+    of the command that shows it (chat, serve and webui answer longer than predict and eval)."""
+
+    max_new_tokens: int = option(256, "longest answer in tokens (default: {default})", minimum=1)
+    temperature: float = option(0.0, "0 (default) decodes greedily; above 0 samples", minimum=0)
+    top_p: float = option(1.0, "nucleus sampling mass when sampling (default: {default})", above=0, maximum=1)
+    repetition_penalty: float = option(1.0, "above 1 discourages repeats (default: {default})", above=0)
+    seed: int | None = option(None, "random seed for sampling (0 to 4294967295, as numpy takes)", minimum=0,
+                              maximum=2 ** 32 - 1)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None,
+                             defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> None:
+    """One typed flag per GenerationOptions field (`--max-new-tokens`), checked against its range as it is
+    parsed; `defaults` and `helps` give a command's own default or wording, `only` a subset of the fields."""
+    for f in fields(GenerationOptions):
+        if only is not None and f.name not in only:
+            continue
+        meta = f.metadata
+        default = (defaults or {}).get(f.name, f.default)
+        above = meta["above"] is not None
+        parse = number_type(_base_type(f.type), meta["above"] if above else meta["minimum"], above=above,
+                            maximum=meta["maximum"])
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=parse, default=default,
+                            help=(helps or {}).get(f.name, meta["help"]).format(default=default))
+
+
+def generation_from_args(namespace: argparse.Namespace) -> GenerationOptions:
+    """The GenerationOptions a command's flags gave (fields without a flag keep their defaults)."""
+    return GenerationOptions(**{f.name: getattr(namespace, f.name) for f in fields(GenerationOptions)
+                                if hasattr(namespace, f.name)})

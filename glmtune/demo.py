@@ -14,13 +14,14 @@ import logging
 import time
 from pathlib import Path
 
-from glmtune.config import DEFAULT_MODEL, TrainConfig
+from glmtune.config import DEFAULT_MODEL, GenerationOptions, TrainConfig
 from glmtune.data.formats import load_samples
 from glmtune.errors import GlmtuneError
-from glmtune.files import check_output_folder
-from glmtune.evaluate.generate import Generator, Sampling, write_predictions
 from glmtune.evaluate.metrics import compute_metrics, detect_task
+from glmtune.evaluate.predictions import write_predictions
 from glmtune.evaluate.report import comparison_table, format_examples, write_report
+from glmtune.files import check_output_folder
+from glmtune.inference.generate import Generator
 from glmtune.methods import get_method
 from glmtune.models.loader import default_device, load_model
 from glmtune.paths import sample_data_dir
@@ -70,7 +71,7 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
         raise GlmtuneError(f"{out} is not empty; pass --overwrite to replace it or choose another --output-dir")
     train_file, dev_file = sample_data_dir() / "train.jsonl", sample_data_dir() / "dev.jsonl"
     dev = load_samples(dev_file)[0][: dev_samples or DEV_SAMPLES]
-    generation = {"batch_size": GENERATION_BATCH, "sampling": Sampling(MAX_NEW_TOKENS)}
+    generation = {"batch_size": GENERATION_BATCH, "generation": GenerationOptions(MAX_NEW_TOKENS)}
     log.info("[1/4] loading %s", model)
     loaded = load_model(model, device=default_device())
     loaded.model.eval()

@@ -23,7 +23,7 @@ import json, logging, os, sys, traceback
 from glmtune.models.kbit import hold_back_bitsandbytes
 hold_back_bitsandbytes()  # as glmtune's main() holds it first: imported only by a command that needs it
 import torch, transformers, peft  # noqa: F401,E402 - imported once, shared by every child
-import glmtune.cli, glmtune.models.loader, glmtune.evaluate.generate  # noqa: F401
+import glmtune.cli, glmtune.models.loader, glmtune.inference.generate  # noqa: F401
 
 
 def child(request):

@@ -36,7 +36,8 @@ METHODS = {
 def test_tiny_model_trains_saves_reloads_and_generates_identically(tiny_dirs, small_data, tmp_path, family, method,
                                                                    train_tiny, log_values):
     from glmtune.data.formats import Message, load_samples
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.methods import get_method
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
     from glmtune.models.loader import LoadedModel, load_tokenizer
@@ -54,7 +55,7 @@ def test_tiny_model_trains_saves_reloads_and_generates_identically(tiny_dirs, sm
                             info["base_model"])
     reloaded, _ = load_tuned_model(None, run.adapter_dir)
     prompts = [s.prompt_messages for s in load_samples(small_data[1])[0][:3]] + [[Message("user", "你好")]]
-    sampling = Sampling(max_new_tokens=6)
+    sampling = GenerationOptions(max_new_tokens=6)
     # token ids, not text that may decode to nothing on a tiny random model
     first = Generator(in_memory, "auto").generate_ids(prompts, sampling)
     second = Generator(reloaded, "auto").generate_ids(prompts, sampling)

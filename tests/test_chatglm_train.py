@@ -46,7 +46,8 @@ def _prompts(small_data):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_tiny_chatglm_trains_saves_reloads_and_generates_identically(runs, name, small_data, log_values):
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.methods import get_method
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
     from glmtune.models.loader import LoadedModel, load_tokenizer
@@ -71,7 +72,7 @@ def test_tiny_chatglm_trains_saves_reloads_and_generates_identically(runs, name,
                             info["base_model"])
     reloaded, _ = load_tuned_model(None, run.adapter_dir)
     prompts = _prompts(small_data)
-    sampling = Sampling(max_new_tokens=6)
+    sampling = GenerationOptions(max_new_tokens=6)
     # token ids: the tiny random model's answers often decode to nothing (image and special tokens)
     first = Generator(in_memory, "auto").generate_ids(prompts, sampling)
     second = Generator(reloaded, "auto").generate_ids(prompts, sampling)

@@ -74,12 +74,13 @@ def _make_ptuning(base: Path, out: Path, *, projection: bool = True) -> Path:
 def _answers(loaded, template="auto", tokens=10):
     """Greedy answers to PROMPTS as one left-padded batch (token ids: a tiny random model's text may decode
     to nothing), and the first step's logits."""
+    from glmtune.config import GenerationOptions
     from glmtune.data.formats import Message
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.inference.generate import Generator, generation_config
 
     generator = Generator(loaded, template)
-    inputs = generator._inputs([[Message("user", p)] for p in PROMPTS])
-    config = Sampling(max_new_tokens=tokens).generation_config(loaded.tokenizer.pad_token_id, loaded.stop_ids)
+    inputs = generator.inputs([[Message("user", p)] for p in PROMPTS])
+    config = generation_config(GenerationOptions(max_new_tokens=tokens), loaded.tokenizer.pad_token_id, loaded.stop_ids)
     answers = loaded.model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1]:]
     assert answers.shape[1] > 1  # not stopped at once: the comparison means something
     return answers.tolist(), loaded.model(**inputs).logits[:, -1].float()

@@ -5,7 +5,8 @@ import pytest
 from glmtune.config import TrainConfig
 from glmtune.data.formats import load_samples
 from glmtune.errors import GlmtuneError
-from glmtune.evaluate.generate import Generator, Sampling
+from glmtune.config import GenerationOptions
+from glmtune.inference.generate import Generator
 from glmtune.methods.adapter import load_tuned_model, read_adapter_info
 from glmtune.models.loader import detect_family, load_tokenizer
 from glmtune.paths import shared_dir
@@ -33,7 +34,7 @@ def test_glm4_hf_checkpoints_train_with_lora_on_their_projections(model_type, tm
     assert sorted(targets) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     loaded, _ = load_tuned_model(None, result.adapter_dir)
     prompts = [s.prompt_messages for s in load_samples(dev)[0][:2]]
-    answers = Generator(loaded, info["template"]).generate(prompts, Sampling(max_new_tokens=4))
+    answers = Generator(loaded, info["template"]).generate(prompts, GenerationOptions(max_new_tokens=4))
     assert len(answers) == 2
 
 

@@ -78,7 +78,8 @@ def test_bitsandbytes_runs_on_this_machines_cpu():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_ptuning_over_a_bitsandbytes_base_trains_and_reloads(bits, tiny_family_dir, small_data, tmp_path, train_tiny,
                                                              log_values, bitsandbytes_cpu_path):
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.data.formats import load_samples
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
     from glmtune.models.loader import LoadedModel, load_tokenizer
@@ -94,7 +95,7 @@ def test_ptuning_over_a_bitsandbytes_base_trains_and_reloads(bits, tiny_family_d
     tokenizer, family, path = load_tokenizer(info["base_model"])
     in_memory = LoadedModel(run.model.eval(), tokenizer, family, path, info["base_model"])
     prompts = [s.prompt_messages for s in load_samples(small_data[1])[0][:3]]
-    sampling = Sampling(max_new_tokens=5)
+    sampling = GenerationOptions(max_new_tokens=5)
     expected = Generator(in_memory, "auto").generate_ids(prompts, sampling)
     assert any(expected) and Generator(reloaded, "auto").generate_ids(prompts, sampling) == expected
     if bits == 4:  # 4-bit layers kept the standard layout through training, evaluation and generation

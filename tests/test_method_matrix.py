@@ -42,7 +42,8 @@ def test_qlora_on_every_family_and_both_bitsandbytes_cpu_paths(family, bitsandby
 
 
 def _train_save_reload_and_generate(family, method, tiny_family_dir, small_data, tmp_path, train_tiny, log_values):
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.methods import get_method
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
     from glmtune.models.loader import LoadedModel, load_tokenizer
@@ -67,7 +68,7 @@ def _train_save_reload_and_generate(family, method, tiny_family_dir, small_data,
     reloaded, _ = load_tuned_model(None, run.adapter_dir)
     assert reloaded.quantization_bit == info["quantization"]["bits"]
     prompts = _prompts(small_data[1])
-    sampling = Sampling(max_new_tokens=6)
+    sampling = GenerationOptions(max_new_tokens=6)
     # token ids, not text: a tiny random model's answers may decode to nothing (special or unknown tokens)
     batch = Generator(reloaded, info["template"]).generate_ids(prompts, sampling)
     assert all(batch) and sum(map(len, batch)) > len(batch)  # answers were generated, not only stop tokens

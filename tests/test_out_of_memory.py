@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from glmtune.cli import main
+from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
 from glmtune.errors import GlmtuneError
-from glmtune.evaluate.generate import Generator
+from glmtune.inference.generate import Generator
 from glmtune.oom import is_out_of_memory, where
 from glmtune.serve.engine import ChatEngine, ChatRequest, Failed, Finished
 from glmtune.train.loss import LabelledLossTrainer
@@ -222,7 +223,8 @@ def test_predict_out_of_memory_writes_nothing(tiny_model_dir, tmp_path, write_js
 def engine(tiny_model_dir):
     from glmtune.models.loader import load_model
 
-    engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"), default_max_tokens=8)
+    engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"),
+                        generation=GenerationOptions(max_new_tokens=8))
     yield engine
     engine.close()
 
@@ -244,7 +246,7 @@ def fail_once(model, error):
 
 def test_a_request_that_runs_out_of_memory_fails_alone_and_the_next_is_answered(engine):
     fired = fail_once(engine.generator.loaded.model, torch.OutOfMemoryError(CUDA_MESSAGE))
-    request = ChatRequest([Message("user", "hi")], max_tokens=6)
+    request = ChatRequest([Message("user", "hi")], GenerationOptions(max_new_tokens=6))
     prompt = len(engine.prepare(request, print).prompt_ids)
     events = list(engine.stream(request))
     assert fired == [1]
@@ -252,14 +254,13 @@ def test_a_request_that_runs_out_of_memory_fails_alone_and_the_next_is_answered(
         f"out of memory on the GPU answering this request (a {prompt}-token prompt, up to 6 new tokens): ask for "
         "fewer new tokens (max_tokens; --max-new-tokens in glmtune chat) or send a shorter conversation; a base "
         "loaded with --quantization-bit 4 needs less memory")]
-    events = list(engine.stream(ChatRequest([Message("user", "hi")], max_tokens=3)))
+    events = list(engine.stream(ChatRequest([Message("user", "hi")], GenerationOptions(max_new_tokens=3))))
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 3 and engine.answered == 1
 
 
 def test_chat_reports_out_of_memory_on_one_line_and_goes_on_without_that_turn(engine):
     import io
 
-    from glmtune.evaluate.generate import Sampling
     from glmtune.serve.chat import chat_loop
 
     fired = fail_once(engine.generator.loaded.model, RuntimeError(CPU_MESSAGE))
@@ -273,7 +274,8 @@ def test_chat_reports_out_of_memory_on_one_line_and_goes_on_without_that_turn(en
     engine.stream = stream
     typed = iter(["first question", "second question", "exit"])
     out = io.StringIO()
-    assert chat_loop(engine, sampling=Sampling(max_new_tokens=5), read=lambda prompt: next(typed), out=out) == 2
+    assert chat_loop(engine, generation=GenerationOptions(max_new_tokens=5), read=lambda prompt: next(typed),
+                     out=out) == 2
     assert fired == [1]
     errors = [line for line in out.getvalue().splitlines() if "(error:" in line]
     assert errors == ["(error: out of memory on the CPU (the machine's RAM) answering this request (a "

@@ -52,7 +52,7 @@ class EchoEngine:
         yield str(len(request.messages))
         text = request.messages[-1].content
         if "long" in text:  # cut by max_tokens
-            yield Finished(10, request.max_tokens, "length")
+            yield Finished(10, request.generation.max_new_tokens, "length")
         elif "full" in text:  # cut earlier: the engine shortened it to what the context had left
             yield Finished(10, 2, "length")
         else:
@@ -89,28 +89,31 @@ def test_chat_without_history_and_with_a_system_prompt():
 
 
 def test_chat_reports_cut_answers_and_errors_and_goes_on():
-    from glmtune.evaluate.generate import Sampling
+    from glmtune.config import GenerationOptions
 
     engine = EchoEngine(fail_when="huge")
     _, text, answered = run_chat(["a long one", "huge text", "after", "context full"], engine=engine,
-                                 sampling=Sampling(max_new_tokens=7, temperature=0.5, top_p=0.9))
+                                 generation=GenerationOptions(max_new_tokens=7, temperature=0.5, top_p=0.9))
     assert answered == 3
     assert "(cut at 7 tokens; --max-new-tokens allows longer answers)" in text
     assert "(cut at 2 tokens: the conversation fills the model's context; type clear to start over)" in text
     assert "(error: the prompt is 9000 tokens, but this model's context is 8192 tokens; type clear to start over)" in text
     assert [len(m) for m in engine.seen] == [1, 3, 5]  # the failed message did not enter the history
     request = engine.requests[0]
-    assert (request.max_tokens, request.temperature, request.top_p, request.fit_context) == (7, 0.5, 0.9, True)
+    options = request.generation
+    assert (options.max_new_tokens, options.temperature, options.top_p, request.fit_context) == (7, 0.5, 0.9, True)
 
 
 def test_a_long_conversation_gets_a_shortened_answer_not_an_error(tiny_model_dir):
     """The terminal chat asks for --max-new-tokens but takes what the context has left, as serve does for a
     request without max_tokens; only a prompt that fills the context alone is refused."""
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
     from glmtune.serve.engine import BadRequest, ChatEngine, ChatRequest
 
-    engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"), default_max_tokens=50)
+    engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"),
+                        generation=GenerationOptions(max_new_tokens=50))
     try:
         limit = engine.context_length
         long_turn = "word " * (limit - 40)
@@ -118,14 +121,15 @@ def test_a_long_conversation_gets_a_shortened_answer_not_an_error(tiny_model_dir
         prompt_tokens = len(engine.generator.encoder.prompt_ids(history + [Message("user", "more")])[0])
         room = limit - prompt_tokens
         assert 0 < room < 50  # the setting this test is about: less room than --max-new-tokens asks for
-        strict = ChatRequest(history + [Message("user", "more")], max_tokens=50)
+        strict = ChatRequest(history + [Message("user", "more")], GenerationOptions(max_new_tokens=50))
         with pytest.raises(BadRequest, match="max_tokens is 50"):  # an API client asking for 50 is refused
             engine.prepare(strict, lambda event: None)
-        job = engine.prepare(ChatRequest(strict.messages, max_tokens=50, fit_context=True), lambda event: None)
-        assert job.max_tokens == room
+        job = engine.prepare(ChatRequest(strict.messages, GenerationOptions(max_new_tokens=50), fit_context=True),
+                             lambda event: None)
+        assert job.generation.max_new_tokens == room
 
         _, text, answered = run_chat([long_turn + "ok more", "exit"], engine=engine,
-                                     sampling=Sampling(max_new_tokens=50))
+                                     generation=GenerationOptions(max_new_tokens=50))
         assert answered == 1 and "(error" not in text and "assistant> " in text
     finally:
         engine.close()

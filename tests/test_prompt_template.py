@@ -99,7 +99,7 @@ def test_a_bad_template_on_the_command_line_stops_before_loading(write_jsonl, tm
 
 
 def test_chat_fills_the_one_field_and_refuses_several(tiny_model_dir, capsys):
-    from glmtune.evaluate.generate import Generator
+    from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
     from glmtune.serve.engine import ChatEngine, ChatRequest
 

@@ -37,7 +37,7 @@ def server(default_model_dir, glmtune_running):
 @pytest.fixture(scope="module")
 def reference():
     """The same model in this process: answers and prompt lengths to compare the server's with."""
-    from glmtune.evaluate.generate import Generator
+    from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
 
     return Generator(load_model("smollm2-135m"))
@@ -45,9 +45,9 @@ def reference():
 
 def greedy(reference, question: str, max_tokens: int = MAX_TOKENS) -> str:
     from glmtune.data.formats import Message
-    from glmtune.evaluate.generate import Sampling
+    from glmtune.config import GenerationOptions
 
-    return reference.generate([[Message("user", question)]], Sampling(max_new_tokens=max_tokens))[0]
+    return reference.generate([[Message("user", question)]], GenerationOptions(max_new_tokens=max_tokens))[0]
 
 
 def client(server, key=KEY):

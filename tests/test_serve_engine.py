@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
 from glmtune.serve.engine import BadRequest, Busy, ChatEngine, ChatRequest, Failed, Finished, _AnswerText
 
@@ -51,10 +52,11 @@ def test_a_stop_token_ends_the_text_and_is_not_counted(tokenizer):
 
 @pytest.fixture
 def engine(tiny_model_dir):
-    from glmtune.evaluate.generate import Generator
+    from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
 
-    engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"), default_max_tokens=8, max_queue=1)
+    engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"),
+                        generation=GenerationOptions(max_new_tokens=8), max_queue=1)
     yield engine
     engine.close()
 
@@ -67,7 +69,7 @@ def test_requests_are_checked_before_they_queue(engine):
     with pytest.raises(BadRequest, match="context is 1024 tokens"):
         engine.prepare(ChatRequest([Message("user", "word " * 1100)]), print)
     job = engine.prepare(ChatRequest([Message("user", "word " * 1000)]), print)
-    assert job.max_tokens == min(8, 1024 - len(job.prompt_ids))  # the default, cut to the context's room
+    assert job.generation.max_new_tokens == min(8, 1024 - len(job.prompt_ids))  # the default, cut to the context's room
 
 
 def test_one_request_at_a_time_a_full_queue_answers_busy_and_cancel_frees_the_model(engine):
@@ -108,7 +110,7 @@ def test_a_failing_generation_is_reported_and_the_worker_goes_on(engine):
     events = list(engine.stream(ChatRequest([Message("user", "hi")])))
     assert isinstance(events[-1], Failed) and "boom" in events[-1].message
     model.generate = real_generate
-    events = list(engine.stream(ChatRequest([Message("user", "hi")], max_tokens=3)))
+    events = list(engine.stream(ChatRequest([Message("user", "hi")], GenerationOptions(max_new_tokens=3))))
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 3
 
 
@@ -116,7 +118,8 @@ def test_a_failing_generation_is_reported_and_the_worker_goes_on(engine):
 def test_every_family_streams_what_batch_generation_answers(tiny_family_dir, family):
     """The engine (streamer + stopping criteria, one prompt) and Generator.generate (a left-padded batch)
     give the same text on every family's native model."""
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
 
     generator = Generator(load_model(str(tiny_family_dir(family))))
@@ -124,11 +127,12 @@ def test_every_family_streams_what_batch_generation_answers(tiny_family_dir, fam
     try:
         questions = ["你好", "Tell me a story about a cat and a dog."]
         conversations = [[Message("user", q)] for q in questions]
-        expected = generator.generate(conversations, Sampling(max_new_tokens=6))
-        expected_ids = generator.generate_ids(conversations, Sampling(max_new_tokens=6))
+        expected = generator.generate(conversations, GenerationOptions(max_new_tokens=6))
+        expected_ids = generator.generate_ids(conversations, GenerationOptions(max_new_tokens=6))
         stops = generator.encoder.stop_ids
         for question, answer, ids in zip(questions, expected, expected_ids):
-            events = list(engine.stream(ChatRequest([Message("user", question)], max_tokens=6)))
+            request = ChatRequest([Message("user", question)], GenerationOptions(max_new_tokens=6))
+            events = list(engine.stream(request))
             assert "".join(e for e in events if isinstance(e, str)) == answer
             # the same tokens, not just the same (possibly empty) text: as many, the stop token not counted
             finished = events[-1]
@@ -140,13 +144,14 @@ def test_every_family_streams_what_batch_generation_answers(tiny_family_dir, fam
 
 
 def test_out_of_range_numbers_are_bad_requests_not_failed_generations(engine):
-    for request, param in [(ChatRequest([Message("user", "a")], seed=2 ** 64), "seed"),
-                           (ChatRequest([Message("user", "a")], seed=-(2 ** 63) - 1), "seed"),
-                           (ChatRequest([Message("user", "a")], max_tokens=2 ** 31), "max_tokens")]:
+    for request, param in [(ChatRequest([Message("user", "a")], GenerationOptions(seed=2 ** 64)), "seed"),
+                           (ChatRequest([Message("user", "a")], GenerationOptions(seed=-(2 ** 63) - 1)), "seed"),
+                           (ChatRequest([Message("user", "a")], GenerationOptions(max_new_tokens=2 ** 31)),
+                            "max_tokens")]:
         with pytest.raises(BadRequest) as caught:
             engine.prepare(request, print)
         assert caught.value.param == param
-    engine.prepare(ChatRequest([Message("user", "a")], seed=2 ** 64 - 1), print)
+    engine.prepare(ChatRequest([Message("user", "a")], GenerationOptions(seed=2 ** 64 - 1)), print)
 
 
 def test_a_message_cannot_forge_a_turn_through_the_engine(engine):

@@ -24,10 +24,11 @@ HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from glmtune.evaluate.generate import Generator
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
 
-    engine = ChatEngine(Generator(load_model(str(tiny_model_dir))), default_max_tokens=4)
+    engine = ChatEngine(Generator(load_model(str(tiny_model_dir))), generation=GenerationOptions(max_new_tokens=4))
     engine.start()
     yield engine
     engine.close()

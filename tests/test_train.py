@@ -6,7 +6,8 @@ import torch
 from glmtune.cli import main
 from glmtune.data.formats import load_samples
 from glmtune.errors import GlmtuneError
-from glmtune.evaluate.generate import Generator, Sampling
+from glmtune.config import GenerationOptions
+from glmtune.inference.generate import Generator
 from glmtune.methods import get_method
 from glmtune.methods.adapter import ADAPTER_FILE, load_tuned_model, read_adapter_info
 from glmtune.models.loader import LoadedModel, load_model, load_tokenizer
@@ -47,7 +48,7 @@ def test_adapter_folder_holds_only_the_adapter_and_describes_itself(trained_run,
 def test_reloaded_adapter_gives_identical_greedy_answers(trained_run, small_data):
     _, dev = small_data
     prompts = [s.prompt_messages for s in load_samples(dev)[0]]
-    sampling = Sampling(max_new_tokens=12)
+    sampling = GenerationOptions(max_new_tokens=12)
     # The in-memory model right after training, merged the way every loader merges it.
     base = read_adapter_info(trained_run.adapter_dir)["base_model"]
     tokenizer, family, path = load_tokenizer(base)

@@ -83,8 +83,9 @@ def test_chat_streams_keeps_history_and_clears():
     _, shown, conversation = steps[-1]
     assert _texts(shown) == [("user", "Capital of France?"), ("assistant", "The capital is Paris.")]
     request = engine.requests[0]
-    assert (request.max_tokens, request.temperature, request.top_p) == (33, 0.7, 0.9)
-    assert isinstance(request.max_tokens, int)
+    options = request.generation
+    assert (options.max_new_tokens, options.temperature, options.top_p) == (33, 0.7, 0.9)
+    assert isinstance(options.max_new_tokens, int)
     assert [(m.role, m.content) for m in request.messages] == [("system", "Be brief."), ("user", "Capital of France?")]
 
     # The second turn sends the whole conversation: system, first question, first answer, new question.
@@ -192,11 +193,12 @@ def test_webui_in_a_real_browser(tmp_path, browser_paths, webui_url):
     driver = None
     try:
         # The model's greedy answer, computed here while the page is idle.
-        from glmtune.evaluate.generate import Generator, Sampling
+        from glmtune.config import GenerationOptions
+        from glmtune.inference.generate import Generator
         from glmtune.models.loader import load_model
 
         expected = Generator(load_model("smollm2-135m")).generate([[Message("user", QUESTION)]],
-                                                                  Sampling(max_new_tokens=24))[0]
+                                                                  GenerationOptions(max_new_tokens=24))[0]
         assert expected.strip()
 
         options = webdriver.ChromeOptions()

@@ -8,11 +8,15 @@ come from running the real tokenization with those limits, so they are exactly w
 from __future__ import annotations
 
 import copy
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from glmtune.data.formats import Sample
+from glmtune.data.formats import Sample, load_samples
 from glmtune.data.preprocess import Encoder, LengthLimits
+from glmtune.data.templates import get_template
 
 CANDIDATE_CUTOFFS = (128, 256, 512, 1024, 2048, 4096)
 LONG_TEXT = 100_000  # characters: a text this long is tokenized once per stats run, not once per limit counted
@@ -105,3 +109,20 @@ def format_stats(stats: LengthStats, title: str) -> str:
         cut = stats.cut_at[limits.describe()]
         lines.append(f"  {name + ':':<28}{limits.describe()}  ({cut} cut)")
     return "\n".join(lines)
+
+
+def file_stats(path: str, tokenizer: Callable[[], tuple[Any, str, set[int]]], *, template: str = "auto",
+               limits: LengthLimits, as_json: bool = False, model_name: str, **columns) -> str:
+    """What `glmtune data stats` prints for a data file: the table, or the numbers as JSON. `tokenizer()`
+    gives (tokenizer, family, stop ids): the caller loads it (data sits below the model layer), once the
+    file has been read, so a bad file is reported before a tokenizer is loaded."""
+    samples, _ = load_samples(path, **columns)
+    loaded, family, stop_ids = tokenizer()
+    prompt_format = get_template(template, loaded, family)
+    stats = length_stats(samples, Encoder(loaded, prompt_format, stop_ids), limits)
+    if as_json:
+        data = asdict(stats)
+        data["suggestions"] = {k: asdict(v) for k, v in stats.suggestions.items()}
+        return json.dumps(data, indent=2)
+    return format_stats(stats, f"{path}: {stats.samples} samples, tokenizer of {model_name}, "
+                               f"template {prompt_format.name}")

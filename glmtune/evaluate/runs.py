@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from glmtune.config import GenerationOptions
 from glmtune.errors import GlmtuneError
-from glmtune.evaluate.generate import Sampling
 from glmtune.files import (NestingError, check_output_file, check_output_folder, loads, path_error, read_text,
                            write_text)
 from glmtune.models.kbit import Quantization
@@ -47,8 +47,7 @@ class EvalSettings:
     template: str | None = None  # None: the adapter's, else auto
     task: str = "auto"
     batch_size: int = 8
-    sampling: Sampling = field(default_factory=Sampling)
-    seed: int | None = None
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
     max_samples: int | None = None
     max_source_length: int | None = None
     dtype: str = "auto"
@@ -59,8 +58,9 @@ class EvalSettings:
     prompt_template: str | None = None  # None: the adapter's, "": none
 
     def __post_init__(self):
-        if self.sampling.temperature > 0 and self.seed is None:
-            self.seed = 42  # sampled answers are reproducible (and resumable) only with a seed
+        if self.generation.temperature > 0 and self.generation.seed is None:
+            # sampled answers are reproducible (and resumable) only with a seed
+            self.generation = replace(self.generation, seed=42)
 
     def identity(self) -> dict[str, Any]:
         """What must match for an earlier run's predictions to be continued."""
@@ -68,6 +68,9 @@ class EvalSettings:
         data.pop("output_dir")
         data.pop("batch_size")  # answers do not depend on it beyond numerics; resuming keeps whole batches
         data.pop("task")  # scoring only
+        generation = data.pop("generation")  # kept in the layout of folders written before GenerationOptions
+        data["seed"] = generation.pop("seed")
+        data["sampling"] = generation
         if not data["prompt_template"]:  # none: as folders written before the option existed say
             data.pop("prompt_template")
         data["data"] = str(Path(self.data).resolve())
@@ -134,7 +137,8 @@ def _start_folder(settings: EvalSettings, overwrite: bool, resumed: bool) -> Non
 def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, Any]:
     """Answer every row (continuing an interrupted run), score, write metrics.json; returns the metrics."""
     from glmtune.data.preprocess import LengthLimits
-    from glmtune.evaluate.generate import Generator, write_predictions
+    from glmtune.evaluate.predictions import write_predictions
+    from glmtune.inference.generate import Generator
     from glmtune.evaluate.metrics import compute_metrics
     from glmtune.methods.adapter import load_tuned_model
 
@@ -150,8 +154,8 @@ def run_eval(settings: EvalSettings, *, overwrite: bool = False) -> dict[str, An
     generator.check_prompts(samples)
     _start_folder(settings, overwrite, resumed)  # only now: a run that fails to load or to fit writes nothing
     answers = write_predictions(generator, samples, out / PREDICTIONS, batch_size=settings.batch_size,
-                                sampling=settings.sampling, resume=resumed, seed=settings.seed, check_lengths=False,
-                                keep_partial=True)
+                                generation=settings.generation, resume=resumed, seed=settings.generation.seed,
+                                check_lengths=False, keep_partial=True)
     metrics = compute_metrics(zip(answers, [s.reference for s in samples]), task=settings.task)
     write_text(out / METRICS, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     log.info("%s: %d answers scored, metrics in %s", settings.output_dir, len(answers), out / METRICS)
@@ -247,9 +251,9 @@ def run_compare(settings: EvalSettings, *, overwrite: bool = False, examples: in
 
 
 def _decoding(settings: EvalSettings) -> str:
-    s = settings.sampling
+    s = settings.generation
     if s.temperature > 0:
-        how = f"sampling (temperature {s.temperature}, top-p {s.top_p}, seed {settings.seed})"
+        how = f"sampling (temperature {s.temperature}, top-p {s.top_p}, seed {s.seed})"
     else:
         how = "greedy"
     return f"decoding: {how}, at most {s.max_new_tokens} new tokens, repetition penalty {s.repetition_penalty}"

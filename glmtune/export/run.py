@@ -266,12 +266,13 @@ def _probe(loaded, template: str) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy answers to PROMPTS (one left-padded batch, as Generator builds it), as token ids (stricter than
     the decoded text, which hides special and unknown tokens), and the logits of the first answer token."""
     from glmtune.data.formats import Message
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator, generation_config
 
     generator = Generator(loaded, template)
-    inputs = generator._inputs([[Message("user", p)] for p in PROMPTS])
-    config = Sampling(max_new_tokens=CHECK_TOKENS).generation_config(loaded.tokenizer.pad_token_id,
-                                                                      generator.encoder.stop_ids)
+    inputs = generator.inputs([[Message("user", p)] for p in PROMPTS])
+    config = generation_config(GenerationOptions(max_new_tokens=CHECK_TOKENS), loaded.tokenizer.pad_token_id,
+                               generator.stop_ids)
     output = loaded.model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1]:]
     answers = [[t for t in row.tolist() if t != loaded.tokenizer.pad_token_id] for row in output]
     return answers, loaded.model(**inputs).logits[:, -1].float().cpu()

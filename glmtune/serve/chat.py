@@ -13,18 +13,19 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
-from glmtune.evaluate.generate import Sampling
 from glmtune.serve.engine import BadRequest, ChatRequest, Failed, Finished
 
 BANNER = "glmtune chat: type a message; 'clear' starts over, 'exit' leaves, Ctrl-C stops an answer."
 
 
-def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, sampling: Sampling | None = None,
-              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
+def chat_loop(engine, *, keep_history: bool = True, system: str | None = None,
+              generation: GenerationOptions | None = None, read: Callable[[str], str] = input,
+              out: TextIO = sys.stdout) -> int:
     """Runs until `exit` or end of input; returns the number of answers given. `engine` is a ChatEngine
     (anything with its `stream(ChatRequest)`)."""
-    sampling = sampling or Sampling(max_new_tokens=512)
+    generation = generation or GenerationOptions(max_new_tokens=512)
     history: list[Message] = []
     answered = 0
     out.write(BANNER + "\n")
@@ -45,9 +46,7 @@ def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, s
             out.write("(conversation cleared)\n")
             continue
         messages = ([Message("system", system)] if system else []) + history + [Message("user", text)]
-        request = ChatRequest(messages, max_tokens=sampling.max_new_tokens, fit_context=True,
-                              temperature=sampling.temperature, top_p=sampling.top_p,
-                              repetition_penalty=sampling.repetition_penalty)
+        request = ChatRequest(messages, generation, fit_context=True)
         pieces: list[str] = []
         note = ""
         failed = False  # a failed answer (out of memory, ...) is not kept: the next question is asked without it
@@ -63,7 +62,7 @@ def chat_loop(engine, *, keep_history: bool = True, system: str | None = None, s
                     note, failed = f"(error: {event.message})", True
                 elif isinstance(event, Finished) and event.finish_reason == "length":
                     note = (f"(cut at {event.completion_tokens} tokens; --max-new-tokens allows longer answers)"
-                            if event.completion_tokens >= sampling.max_new_tokens else
+                            if event.completion_tokens >= generation.max_new_tokens else
                             f"(cut at {event.completion_tokens} tokens: the conversation fills the model's "
                             "context; type clear to start over)")
         except BadRequest as e:

@@ -14,22 +14,22 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
 from glmtune.data.prompt_template import chat_template_field, fill_message
 from glmtune.errors import GlmtuneError
-from glmtune.evaluate.generate import Generator, Sampling
-from glmtune.models.loader import context_length
+from glmtune.inference.generate import Generator
 from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
-LONGEST_ANSWER = 2 ** 31 - 1  # max_tokens beyond this is refused even where the context length is unknown
+LONGEST_ANSWER = 2 ** 31 - 1  # max_new_tokens beyond this is refused even where the context length is unknown
 
 
 class BadRequest(GlmtuneError):
@@ -47,20 +47,18 @@ class Busy(GlmtuneError):
 @dataclass
 class ChatRequest:
     messages: list[Message]
-    max_tokens: int | None = None  # None: the engine's default, cut to what the context has left
-    fit_context: bool = False  # True: max_tokens is cut to what the context has left, too, instead of refused
-    temperature: float = 0.0
-    top_p: float = 1.0
+    # None: the engine's options, with max_new_tokens cut to what the context has left
+    generation: GenerationOptions | None = None
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    repetition_penalty: float = 1.0
+    # True: generation.max_new_tokens is cut to what the context has left, too, instead of refused
+    fit_context: bool = False
 
 
 @dataclass
 class Finished:
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (stop token or stop string), "length" (max_tokens), "cancelled"
+    finish_reason: str  # "stop" (stop token or stop string), "length" (max_new_tokens), "cancelled"
 
 
 @dataclass
@@ -75,7 +73,7 @@ Event = str | Finished | Failed
 class Job:
     request: ChatRequest
     prompt_ids: list[int]
-    max_tokens: int
+    generation: GenerationOptions  # the request's, with the answer length it gets
     deliver: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -143,40 +141,10 @@ class _AnswerText:
         return self.generated - (1 if self.ended_on_stop_token else 0)
 
 
-class _Streamer:
-    """transformers' streamer protocol: `put` receives the prompt once, then each new token."""
-
-    def __init__(self, answer: _AnswerText, job: Job):
-        self.answer, self.job, self.prompt_seen = answer, job, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            piece = self.answer.add(int(token))
-            if piece and not self.job.cancelled.is_set():
-                self.job.deliver(piece)
-
-    def end(self) -> None:
-        pass
-
-
-class _StopWhen:
-    """A stopping criterion: ends generation once the job is cancelled or a stop string was seen."""
-
-    def __init__(self, answer: _AnswerText, job: Job):
-        self.answer, self.job = answer, job
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = self.job.cancelled.is_set() or self.answer.hit_stop_string
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
 class ChatEngine:
     """Queue and worker around one Generator. `start()` before use, `close()` at the end."""
 
-    def __init__(self, generator: Generator, *, default_max_tokens: int = 512, max_queue: int = 256,
+    def __init__(self, generator: Generator, *, generation: GenerationOptions | None = None, max_queue: int = 256,
                  prompt_template: str | None = None):
         self.generator = generator
         # the newest user message is filled into it, as training filled each row's own (last) question
@@ -184,15 +152,16 @@ class ChatEngine:
         if prompt_template:
             chat_template_field(prompt_template)
         self.tokenizer = generator.tokenizer
-        self.context_length = context_length(generator.loaded.model.config)
-        self.default_max_tokens = default_max_tokens
+        self.context_length = generator.context_length
+        # what a request that gives no options gets (max_new_tokens: a request that gives no length)
+        self.generation = generation or GenerationOptions(max_new_tokens=512)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
         self.answered = 0
         self.cancelled = 0
         # One prompt now: a fast tokenizer's first call may reset padding/truncation settings saved with it;
         # after that, the concurrent calls of prepare() only read the tokenizer.
-        generator.encoder.prompt_ids([Message("user", "hi")])
+        generator.prompt_ids([Message("user", "hi")])
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -206,15 +175,17 @@ class ChatEngine:
                                  f"{', '.join(ROLES)}", f"messages[{i}].role")
         if request.messages[-1].role != "user":
             raise BadRequest("the last message must be the user's: the model answers it", "messages")
-        if request.seed is not None and not SEEDS[0] <= request.seed <= SEEDS[1]:
+        asked = request.generation
+        # the HTTP API's names (max_tokens) in what a client is told
+        if asked is not None and asked.seed is not None and not SEEDS[0] <= asked.seed <= SEEDS[1]:
             raise BadRequest(f"seed must be between {SEEDS[0]} and {SEEDS[1]}", "seed")
-        if request.max_tokens is not None and not 1 <= request.max_tokens <= LONGEST_ANSWER:
+        if asked is not None and not 1 <= asked.max_new_tokens <= LONGEST_ANSWER:
             raise BadRequest(f"max_tokens must be between 1 and {LONGEST_ANSWER}", "max_tokens")
         messages = request.messages
         if self.prompt_template:
             messages = messages[:-1] + [Message("user", fill_message(self.prompt_template, messages[-1].content))]
         try:
-            prompt_ids, _ = self.generator.encoder.prompt_ids(messages)
+            prompt_ids = self.generator.prompt_ids(messages)
         except GlmtuneError as e:
             raise BadRequest(str(e), "messages") from None
         limit = self.context_length
@@ -222,16 +193,14 @@ class ChatEngine:
             raise BadRequest(f"the prompt is {len(prompt_ids)} tokens, but this model's context is {limit} tokens; "
                              "shorten the messages", "messages")
         room = limit - len(prompt_ids) if limit is not None else None
-        if request.max_tokens is None:
-            max_tokens = self.default_max_tokens if room is None else min(self.default_max_tokens, room)
-        else:
-            max_tokens = request.max_tokens
-            if room is not None and request.fit_context:
-                max_tokens = min(max_tokens, room)
-            elif room is not None and max_tokens > room:
-                raise BadRequest(f"this model's context is {limit} tokens: the prompt takes {len(prompt_ids)}, "
-                                 f"which leaves {room} for the answer, but max_tokens is {max_tokens}", "max_tokens")
-        return Job(request, prompt_ids, max_tokens, deliver)
+        generation = asked or self.generation
+        length = generation.max_new_tokens
+        if room is not None and (asked is None or request.fit_context):
+            length = min(length, room)
+        elif room is not None and length > room:
+            raise BadRequest(f"this model's context is {limit} tokens: the prompt takes {len(prompt_ids)}, "
+                             f"which leaves {room} for the answer, but max_tokens is {length}", "max_tokens")
+        return Job(request, prompt_ids, replace(generation, max_new_tokens=length), deliver)
 
     def submit(self, job: Job) -> None:
         self.start()
@@ -304,28 +273,25 @@ class ChatEngine:
     def _out_of_memory(self, job: Job, error: BaseException) -> str:
         """The message for a request that ran out of memory: its size, and what would make it fit."""
         advice = f"out of memory on {where(error)} answering this request (a {len(job.prompt_ids)}-token prompt, " \
-                 f"up to {job.max_tokens} new tokens): ask for fewer new tokens (max_tokens; --max-new-tokens in " \
-                 "glmtune chat) or send a shorter conversation"
-        bits = self.generator.loaded.quantization_bit
+                 f"up to {job.generation.max_new_tokens} new tokens): ask for fewer new tokens (max_tokens; " \
+                 "--max-new-tokens in glmtune chat) or send a shorter conversation"
+        bits = self.generator.quantization_bit
         if bits != 4 and not on_cpu(error):
             advice += "; a base loaded with --quantization-bit 4 needs less memory"
         return advice
 
     def _generate(self, job: Job) -> Finished:
-        from transformers import StoppingCriteriaList
+        answer = _AnswerText(self.tokenizer, self.generator.stop_ids, job.request.stop)
 
-        request = job.request
-        answer = _AnswerText(self.tokenizer, self.generator.encoder.stop_ids, request.stop)
-        sampling = Sampling(max_new_tokens=job.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                            repetition_penalty=request.repetition_penalty)
-        config = sampling.generation_config(self.tokenizer.pad_token_id, self.generator.encoder.stop_ids)
-        inputs = {k: v.to(self.generator.device) for k, v in
-                  self.generator.collate([{"input_ids": job.prompt_ids}]).items()}
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
-        with torch.inference_mode():
-            self.generator.loaded.model.generate(**inputs, generation_config=config, streamer=_Streamer(answer, job),
-                                                 stopping_criteria=StoppingCriteriaList([_StopWhen(answer, job)]))
+        def on_token(token: int) -> None:
+            piece = answer.add(token)
+            if piece and not job.cancelled.is_set():
+                job.deliver(piece)
+
+        if job.generation.seed is not None:
+            torch.manual_seed(job.generation.seed)
+        self.generator.stream(job.prompt_ids, job.generation, on_token,
+                              should_stop=lambda: job.cancelled.is_set() or answer.hit_stop_string)
         tail = answer.finish()
         if tail and not job.cancelled.is_set():
             job.deliver(tail)

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -31,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
 from glmtune.serve.engine import BadRequest, Busy, ChatEngine, ChatRequest, Failed, Finished
 from glmtune.serve.network import AllowedHosts, host_name
@@ -123,7 +125,8 @@ class ChatCompletionBody(_Strict):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
-    def to_request(self) -> ChatRequest:
+    def to_request(self, defaults: GenerationOptions) -> ChatRequest:
+        """The engine's request: the fields given over `defaults` (the engine's options)."""
         for name, neutral in NEUTRAL.items():
             value = getattr(self, name)
             if value is not None and value not in neutral:
@@ -147,9 +150,11 @@ class ChatCompletionBody(_Strict):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise BadRequest("max_tokens and max_completion_tokens differ; send one of them", "max_tokens")
-        return ChatRequest(messages=messages, max_tokens=self.max_tokens or self.max_completion_tokens,
-                           temperature=self.temperature if self.temperature is not None else 0.0,
-                           top_p=self.top_p if self.top_p is not None else 1.0, stop=stops, seed=self.seed)
+        length = self.max_tokens or self.max_completion_tokens  # the wire's two names for max_new_tokens
+        given = {"max_new_tokens": length, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        generation = replace(defaults, **{k: v for k, v in given.items() if v is not None})
+        # without max_tokens the answer gets the engine's length, cut to what the context has left
+        return ChatRequest(messages, generation, stop=stops, fit_context=length is None)
 
 
 def _error(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
@@ -312,7 +317,7 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
             return _error(499, "client went away")
         try:
             body = ChatCompletionBody.model_validate_json(raw)
-            chat = body.to_request()
+            chat = body.to_request(engine.generation)
         except ValidationError as e:
             message, param = _validation_message(e)
             return _error(400, message, param=param)

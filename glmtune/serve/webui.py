@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
+from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
 from glmtune.errors import GlmtuneError
 from glmtune.serve.engine import ChatRequest, Failed
@@ -28,8 +29,8 @@ class Chat:
         self.engine, self.system, self.repetition_penalty = engine, system, repetition_penalty
         self.running: dict[str, threading.Event] = {}  # browser session -> cancel of its answer in progress
 
-    def respond(self, text: str, shown: list, conversation: list[Message], max_tokens: float, temperature: float,
-                top_p: float, session: str = "") -> Iterator[tuple[str, list, list[Message]]]:
+    def respond(self, text: str, shown: list, conversation: list[Message], max_new_tokens: float,
+                temperature: float, top_p: float, session: str = "") -> Iterator[tuple[str, list, list[Message]]]:
         """Yields (textbox, chatbot, conversation) as the answer grows."""
         text = (text or "").strip()
         if not text:
@@ -39,8 +40,9 @@ class Chat:
         shown = [*shown, {"role": "user", "content": text}]
         yield "", shown, conversation  # the question appears (and the box empties) before the model starts
         messages = ([Message("system", self.system)] if self.system else []) + asked
-        request = ChatRequest(messages, max_tokens=int(max_tokens), temperature=float(temperature),
-                              top_p=float(top_p), repetition_penalty=self.repetition_penalty)
+        generation = GenerationOptions(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                       top_p=float(top_p), repetition_penalty=self.repetition_penalty)
+        request = ChatRequest(messages, generation)
         cancel = self.running[session] = threading.Event()
         answer, error = "", None
         try:
@@ -86,8 +88,8 @@ def _build(engine, *, title: str, system: str | None, max_new_tokens: int, tempe
     longest = getattr(engine, "context_length", None) or DEFAULT_LONGEST
 
     # gr.Request (found by its annotation) tells browser tabs apart, so Stop ends only this tab's answer.
-    def respond(text, shown, conversation, max_tokens, temperature, top_p, request: gr.Request = None):
-        steps = chat.respond(text, shown, conversation, max_tokens, temperature, top_p, _session(request))
+    def respond(text, shown, conversation, max_new_tokens, temperature, top_p, request: gr.Request = None):
+        steps = chat.respond(text, shown, conversation, max_new_tokens, temperature, top_p, _session(request))
         yield next(steps)
         for _, shown, conversation in steps:  # leave the box alone: the next question may be typed meanwhile
             yield gr.skip(), shown, conversation

@@ -343,12 +343,13 @@ def build_trainer(prepared: Prepared, callbacks: list, *, collator=None, labelle
 def _answer_metrics(cfg: TrainConfig, loaded: LoadedModel, template: str, dev_samples):
     """A callable that answers the dev prompts with the model being trained and returns the metrics, flat:
     overall ones by name (bleu-4) and task ones as task_name (extraction_f1)."""
-    from glmtune.evaluate.generate import Generator, Sampling
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.evaluate.metrics import compute_metrics
 
     prompts = [s.prompt_messages for s in dev_samples]
     references = [s.reference for s in dev_samples]
-    sampling = Sampling(max_new_tokens=cfg.eval_max_new_tokens)
+    sampling = GenerationOptions(max_new_tokens=cfg.eval_max_new_tokens)
 
     def measure(model) -> dict[str, float]:
         was_training = model.training

@@ -184,12 +184,13 @@ def _stop_for_nonfinite(guard: NonFiniteGuard, cfg: TrainConfig, out: Path) -> N
 
 
 def _compare_after_training(cfg: TrainConfig, loaded: LoadedModel, template: str, out: Path, adapter: Path) -> Path:
-    from glmtune.evaluate.generate import Sampling
+    from glmtune.config import GenerationOptions
     from glmtune.evaluate.runs import EvalSettings, run_compare
 
     settings = EvalSettings(data=cfg.dev_file, output_dir=str(out), model=loaded.name, adapter=str(adapter),
                             template=template, batch_size=cfg.eval_batch_size,
-                            sampling=Sampling(max_new_tokens=cfg.eval_max_new_tokens), max_samples=cfg.max_eval_samples,
+                            generation=GenerationOptions(max_new_tokens=cfg.eval_max_new_tokens),
+                            max_samples=cfg.max_eval_samples,
                             max_source_length=cfg.max_source_length, dtype=cfg.dtype,
                             quantization=loaded.quantization, prompt_column=cfg.prompt_column,
                             response_column=cfg.response_column, prompt_template=cfg.prompt_template or "")

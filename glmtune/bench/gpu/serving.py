@@ -78,7 +78,8 @@ def load(url: str, name: str, requests: int, concurrency: int, max_tokens: int) 
 def run(shapes, device: str, record: Callable[[dict[str, Any]], None]) -> None:
     import torch
 
-    from glmtune.evaluate.generate import Generator
+    from glmtune.config import GenerationOptions
+    from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_random_model
     from glmtune.serve.engine import ChatEngine
 
@@ -86,7 +87,7 @@ def run(shapes, device: str, record: Callable[[dict[str, Any]], None]) -> None:
     started = time.perf_counter()
     loaded = load_random_model(str(shapes.model("chatglm3")), device=device)
     build_s = time.perf_counter() - started
-    engine = ChatEngine(Generator(loaded), default_max_tokens=settings["max_tokens"])
+    engine = ChatEngine(Generator(loaded), generation=GenerationOptions(max_new_tokens=settings["max_tokens"]))
     name = "chatglm3-6b-random" + ("-tiny" if shapes.tiny else "")
     dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
     with RunningServer(engine, name) as server:

@@ -1,144 +1,22 @@
-"""Batched generation with left padding, and the streamed predictions file of `glmtune predict` and the demo.
-
-Prompts are built by the same Encoder as training data, so the model sees the exact prompt tokens it
-was trained on. Generation stops at any stop token of the model (tokenizer eos and the generation
-config's eos ids, e.g. a chat template's end-of-turn token).
-"""
+"""The streamed, resumable predictions file of `glmtune predict`, `eval` and the demo: every row answered in
+batches (glmtune.inference.generate) and written as soon as its batch is done."""
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from glmtune.data.collate import PadCollator
-from glmtune.data.formats import Message, Sample
-from glmtune.data.preprocess import Encoder, LengthLimits
-from glmtune.data.templates import get_template
+from glmtune.config import GenerationOptions
+from glmtune.data.formats import Sample
 from glmtune.errors import GlmtuneError
 from glmtune.files import NestingError, is_special, loads, path_error, status
-from glmtune.models.loader import LoadedModel, context_length
+from glmtune.inference.generate import Generator
 from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Sampling:
-    """Decoding options; greedy unless `temperature` > 0."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-    def generation_config(self, pad_id: int, stop_ids: set[int]):
-        from transformers import GenerationConfig
-
-        sampled = self.temperature > 0
-        return GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=sampled,
-            temperature=self.temperature if sampled else None,
-            top_p=self.top_p if sampled else None,
-            top_k=None,
-            repetition_penalty=self.repetition_penalty,
-            eos_token_id=sorted(stop_ids),
-            pad_token_id=pad_id,
-        )
-
-
-class Generator:
-    """Answers conversations with one loaded (possibly adapted) model."""
-
-    def __init__(self, loaded: LoadedModel, template: str = "auto", limits: LengthLimits | None = None):
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
-        self.encoder = Encoder(loaded.tokenizer, get_template(template, loaded.tokenizer, loaded.family),
-                               loaded.stop_ids)
-        self.limits = limits
-        self.collate = PadCollator(loaded.tokenizer.pad_token_id, side="left")
-        self.prompts_cut = 0
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.loaded.model.parameters()).device
-
-    def _inputs(self, conversations: list[list[Message]]) -> dict[str, torch.Tensor]:
-        features = []
-        for messages in conversations:
-            ids, cut = self.encoder.prompt_ids(messages, self.limits)
-            self.prompts_cut += cut
-            features.append({"input_ids": ids})
-        return {k: v.to(self.device) for k, v in self.collate(features).items()}
-
-    def check_prompts(self, samples: list[Sample]) -> None:
-        """Refuse, naming its row, a prompt that leaves the model no room for an answer (counted after
-        `limits` cut it), so that a file is refused whole before anything is written rather than answered
-        half-way or past the context."""
-        limit = context_length(self.loaded.model.config)
-        if limit is None:
-            return
-        for index, sample in enumerate(samples):
-            ids, _ = self.encoder.prompt_ids(sample.prompt_messages, self.limits)
-            if len(ids) >= limit:
-                where = sample.where or f"row {index + 1}"
-                raise GlmtuneError(f"{where}: the prompt is {len(ids)} tokens, but the model's context is {limit} "
-                                   f"tokens (prompt and answer together); shorten it, or cut long prompts with "
-                                   f"--max-source-length (below {limit})")
-
-    @torch.inference_mode()
-    def _new_tokens(self, conversations: list[list[Message]], sampling: Sampling | None) -> torch.Tensor:
-        sampling = sampling or Sampling()
-        inputs = self._inputs(conversations)
-        config = sampling.generation_config(self.tokenizer.pad_token_id, self.encoder.stop_ids)
-        output = self.loaded.model.generate(**inputs, generation_config=config)
-        return output[:, inputs["input_ids"].shape[1]:]
-
-    def generate(self, conversations: list[list[Message]], sampling: Sampling | None = None) -> list[str]:
-        """One batch: the answer to each conversation (which ends with a user message)."""
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip()
-                for row in self._new_tokens(conversations, sampling)]
-
-    def generate_ids(self, conversations: list[list[Message]], sampling: Sampling | None = None) -> list[list[int]]:
-        """One batch, as token ids: each answer's new tokens up to and including the stop token that ended it
-        (the padding after it left out). Stricter than the text, which hides special and unknown tokens."""
-        stops = self.encoder.stop_ids
-        answers = []
-        for row in self._new_tokens(conversations, sampling).tolist():
-            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
-            answers.append(row[:end])
-        return answers
-
-    def stream(self, messages: list[Message], sampling: Sampling | None = None) -> Iterator[str]:
-        """Pieces of one answer as they are generated."""
-        from transformers import TextIteratorStreamer
-
-        sampling = sampling or Sampling()
-        inputs = self._inputs([messages])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        config = sampling.generation_config(self.tokenizer.pad_token_id, self.encoder.stop_ids)
-        errors: list[BaseException] = []
-
-        def work():
-            try:
-                with torch.inference_mode():
-                    self.loaded.model.generate(**inputs, generation_config=config, streamer=streamer)
-            except BaseException as e:  # surfaced in the caller's thread below
-                errors.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
-        if errors:
-            raise errors[0]
 
 
 def prediction_row(sample: Sample, answer: str) -> dict:
@@ -181,16 +59,16 @@ def _kept_rows(path: Path, samples: list[Sample], batch_size: int) -> tuple[list
     return rows[:keep], ends[keep - 1] if keep else 0
 
 
-def _out_of_memory_message(error: BaseException, generator: Generator, sampling: Sampling | None, start: int,
-                           size: int, total: int, batch_size: int) -> str:
+def _out_of_memory_message(error: BaseException, generator: Generator, generation: GenerationOptions | None,
+                           start: int, size: int, total: int, batch_size: int) -> str:
     """Which rows ran out of memory, and the values that would lower what answering them needs."""
-    sampling = sampling or Sampling()
+    generation = generation or GenerationOptions()
     lower = [f"--batch-size ({batch_size})"] if batch_size > 1 else []
-    lower.append(f"--max-new-tokens ({sampling.max_new_tokens})")
+    lower.append(f"--max-new-tokens ({generation.max_new_tokens})")
     source = generator.limits.max_source_length if generator.limits else None
     changes = ["lower " + " or ".join(lower), f"lower --max-source-length ({source})" if source else
                "cut long prompts with --max-source-length"]
-    bits = generator.loaded.quantization_bit
+    bits = generator.quantization_bit
     if bits != 4 and not on_cpu(error):  # the int4 kernels are for the GPU
         changes.append(f"load the base with --quantization-bit 4 (now {bits or 'full weights'})")
     rows = f"row {start + 1}" if size == 1 else f"rows {start + 1}-{start + size}"
@@ -198,7 +76,7 @@ def _out_of_memory_message(error: BaseException, generator: Generator, sampling:
 
 
 def write_predictions(generator: Generator, samples: list[Sample], output_path: str | Path, *,
-                      batch_size: int = 8, sampling: Sampling | None = None, progress: bool = True,
+                      batch_size: int = 8, generation: GenerationOptions | None = None, progress: bool = True,
                       resume: bool = False, seed: int | None = None, check_lengths: bool = True,
                       keep_partial: bool = False) -> list[str]:
     """Answers every sample in order and writes `prediction_row`s to `output_path` (JSONL), batch by batch
@@ -236,11 +114,11 @@ def write_predictions(generator: Generator, samples: list[Sample], output_path: 
                 if seed is not None:
                     torch.manual_seed(seed + start)
                 try:
-                    batch_answers = generator.generate([s.prompt_messages for s in batch], sampling)
+                    batch_answers = generator.generate([s.prompt_messages for s in batch], generation)
                 except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
                     if not is_out_of_memory(e):
                         raise
-                    out_of_memory = _out_of_memory_message(e, generator, sampling, start, len(batch), len(samples),
+                    out_of_memory = _out_of_memory_message(e, generator, generation, start, len(batch), len(samples),
                                                            batch_size)
                     break
                 for sample, answer in zip(batch, batch_answers):

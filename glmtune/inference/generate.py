@@ -1,0 +1,163 @@
+"""Generation with one loaded (possibly adapted) model: batched answers with left padding, and one answer
+streamed token by token with a stopping condition (cancellation, stop strings). Used by evaluate (predict,
+eval, compare, the demo, evaluation during training), serve (chat, the API, the web UI) and export's check.
+
+Prompts are built by the same Encoder as training data, so the model sees the exact prompt tokens it
+was trained on. Generation stops at any stop token of the model (tokenizer eos and the generation
+config's eos ids, e.g. a chat template's end-of-turn token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from glmtune.config import GenerationOptions
+from glmtune.data.collate import PadCollator
+from glmtune.data.formats import Message, Sample
+from glmtune.data.preprocess import Encoder, LengthLimits
+from glmtune.data.templates import get_template
+from glmtune.errors import GlmtuneError
+from glmtune.models.loader import LoadedModel, context_length
+
+
+def generation_config(options: GenerationOptions, pad_id: int, stop_ids: set[int]):
+    """transformers' GenerationConfig for `options` (its seed is the caller's: seeding is global in torch)."""
+    from transformers import GenerationConfig
+
+    sampled = options.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=options.max_new_tokens,
+        do_sample=sampled,
+        temperature=options.temperature if sampled else None,
+        top_p=options.top_p if sampled else None,
+        top_k=None,
+        repetition_penalty=options.repetition_penalty,
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=pad_id,
+    )
+
+
+class _Streamer:
+    """transformers' streamer protocol: `put` receives the prompt once, then each new token."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhen:
+    """A stopping criterion: ends generation once `should_stop()` is true (checked after every token)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
+class Generator:
+    """Answers conversations with one loaded (possibly adapted) model."""
+
+    def __init__(self, loaded: LoadedModel, template: str = "auto", limits: LengthLimits | None = None):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.encoder = Encoder(loaded.tokenizer, get_template(template, loaded.tokenizer, loaded.family),
+                               loaded.stop_ids)
+        self.limits = limits
+        self.collate = PadCollator(loaded.tokenizer.pad_token_id, side="left")
+        self.prompts_cut = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded.model.parameters()).device
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """The tokens that end an answer."""
+        return self.encoder.stop_ids
+
+    @property
+    def context_length(self) -> int | None:
+        """Prompt and answer together, in tokens; None where the model's config does not say."""
+        return context_length(self.loaded.model.config)
+
+    @property
+    def quantization_bit(self) -> int | None:
+        return self.loaded.quantization_bit
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The prompt tokens of a conversation that ends with a user message (not cut by `limits`)."""
+        return self.encoder.prompt_ids(messages)[0]
+
+    def inputs(self, conversations: list[list[Message]]) -> dict[str, torch.Tensor]:
+        """The model's inputs for a batch of conversations: prompts cut by `limits`, left-padded, on its device."""
+        features = []
+        for messages in conversations:
+            ids, cut = self.encoder.prompt_ids(messages, self.limits)
+            self.prompts_cut += cut
+            features.append({"input_ids": ids})
+        return {k: v.to(self.device) for k, v in self.collate(features).items()}
+
+    def check_prompts(self, samples: list[Sample]) -> None:
+        """Refuse, naming its row, a prompt that leaves the model no room for an answer (counted after
+        `limits` cut it), so that a file is refused whole before anything is written rather than answered
+        half-way or past the context."""
+        limit = self.context_length
+        if limit is None:
+            return
+        for index, sample in enumerate(samples):
+            ids, _ = self.encoder.prompt_ids(sample.prompt_messages, self.limits)
+            if len(ids) >= limit:
+                where = sample.where or f"row {index + 1}"
+                raise GlmtuneError(f"{where}: the prompt is {len(ids)} tokens, but the model's context is {limit} "
+                                   f"tokens (prompt and answer together); shorten it, or cut long prompts with "
+                                   f"--max-source-length (below {limit})")
+
+    @torch.inference_mode()
+    def _new_tokens(self, conversations: list[list[Message]], options: GenerationOptions | None) -> torch.Tensor:
+        options = options or GenerationOptions()
+        inputs = self.inputs(conversations)
+        config = generation_config(options, self.tokenizer.pad_token_id, self.stop_ids)
+        output = self.loaded.model.generate(**inputs, generation_config=config)
+        return output[:, inputs["input_ids"].shape[1]:]
+
+    def generate(self, conversations: list[list[Message]], options: GenerationOptions | None = None) -> list[str]:
+        """One batch: the answer to each conversation (which ends with a user message)."""
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                for row in self._new_tokens(conversations, options)]
+
+    def generate_ids(self, conversations: list[list[Message]],
+                     options: GenerationOptions | None = None) -> list[list[int]]:
+        """One batch, as token ids: each answer's new tokens up to and including the stop token that ended it
+        (the padding after it left out). Stricter than the text, which hides special and unknown tokens."""
+        stops = self.stop_ids
+        answers = []
+        for row in self._new_tokens(conversations, options).tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            answers.append(row[:end])
+        return answers
+
+    def stream(self, prompt_ids: list[int], options: GenerationOptions, on_token: Callable[[int], None],
+               should_stop: Callable[[], bool] | None = None) -> None:
+        """Generates one answer to `prompt_ids` (from `prompt_ids()`), handing each new token to `on_token` as
+        it is generated, in this thread; stops at a stop token, after `options.max_new_tokens`, or at the
+        first token after which `should_stop()` is true (a cancelled request, a stop string seen)."""
+        from transformers import StoppingCriteriaList
+
+        config = generation_config(options, self.tokenizer.pad_token_id, self.stop_ids)
+        inputs = {k: v.to(self.device) for k, v in self.collate([{"input_ids": prompt_ids}]).items()}
+        stopping = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop is not None else [])
+        with torch.inference_mode():
+            self.loaded.model.generate(**inputs, generation_config=config, streamer=_Streamer(on_token),
+                                       stopping_criteria=stopping)
