@@ -98,7 +98,7 @@ def _export_merged(adapter_dir: Path, out: Path, info: dict[str, Any], model: st
     from glmtune.export.merge import (checkpoint_dtype, copy_side_files, dequantize_base, fold_lora, save_native,
                                       save_transformers)
     from glmtune.models.kbit import Quantization, bitsandbytes_bits, is_bitsandbytes_model
-    from glmtune.models.loader import NATIVE_FAMILIES
+    from glmtune.families import is_native
 
     loaded = _load_base(info, adapter_dir, model, device)  # float32: the check compares before any cast
     stored_bnb = is_bitsandbytes_model(loaded.model)  # also a checkpoint stored in bitsandbytes' format
@@ -121,7 +121,7 @@ def _export_merged(adapter_dir: Path, out: Path, info: dict[str, Any], model: st
         line = _compare(before, _probe(loaded, template), exact=not rounds_activations, note=note)
     name = dtype or checkpoint_dtype(loaded.path)
     with _staging(out) as tmp:
-        if loaded.family in NATIVE_FAMILIES:
+        if is_native(loaded.family):
             files = save_native(loaded.model, loaded.path, tmp, getattr(torch, name))
         else:
             files = save_transformers(loaded.model, tmp, getattr(torch, name))
@@ -248,11 +248,11 @@ def _attach_lora(model, adapter_dir: Path):
     refuses to merge into them)."""
     from peft import PeftModel
 
-    from glmtune.methods.lora import _fit_quantized, read_lora_config
+    from glmtune.methods.lora import fit_quantized, read_lora_config
     from glmtune.models.loader import load_errors
 
     try:
-        config = _fit_quantized(model, read_lora_config(adapter_dir))
+        config = fit_quantized(model, read_lora_config(adapter_dir))
         adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, config=config)
     except load_errors() as e:
         raise GlmtuneError(f"cannot load the LoRA adapter in {adapter_dir}: {one_line(e)}") from None

@@ -16,6 +16,7 @@ from typing import Any
 
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError, one_line
+from glmtune.families import NATIVE_FAMILIES, family_facts
 from glmtune.models.kbit import Quantization, import_bitsandbytes, is_bitsandbytes_model, keep_standard_layout
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,6 @@ def detect_family(config: dict[str, Any], name: str = "") -> str:
     if model_type in ("glm", "glm4"):
         return "glm4"
     return "generic"
-
-
-NATIVE_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # glmtune's own model and tokenizer code
-
-
-GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
 def known_token_ids(tokenizer, tokens) -> set[int]:
@@ -212,11 +207,10 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
 
 def _ready(model, tokenizer, family: str, path: Path, name: str, quantization: Quantization) -> LoadedModel:
     """The generation settings every loaded model gets, and the LoadedModel around it."""
-    if family == "chatglm3":  # end answers where the official chat() does
-        model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))
-    if family == "glm4":  # a turn ends at eos or where the next role would start, as GLM-4's generation_config says
+    stops = family_facts(family).stop_tokens
+    if stops:  # a turn ends at eos or where the next role would start (ChatGLM3's official chat(), GLM-4's config)
         model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer, model.generation_config)
-                                                      | known_token_ids(tokenizer, GLM4_STOP_TOKENS))
+                                                      | known_token_ids(tokenizer, stops))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     # adapters record the base by this name: a folder by its absolute path, so they work from any directory
