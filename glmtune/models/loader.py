@@ -83,15 +83,22 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def detect_family(config: dict[str, Any], name: str = "") -> str:
-    """The model family from config.json (and, for ChatGLM2 vs ChatGLM3, the checkpoint's name)."""
+def detect_family(config: dict[str, Any], name: str = "", folder: Path | None = None) -> str:
+    """The model family from config.json (and, for ChatGLM2 vs ChatGLM3, the checkpoint's name and, in a
+    `folder` with ChatGLM2/3's vocabulary, what its tokenizer config says: config.json is the same for both)."""
     model_type = config.get("model_type", "")
     if model_type == "chatglm":
         if "inner_hidden_size" in config or "position_encoding_2d" in config:
             return "chatglm"
         if "multi_query_attention" in config or "ffn_hidden_size" in config:
             names = f"{name} {config.get('_name_or_path', '')}".lower()
-            return "chatglm3" if "chatglm3" in names else "chatglm2"
+            if "chatglm3" in names:
+                return "chatglm3"
+            if folder is not None and (folder / "tokenizer.model").is_file():
+                from glmtune.models.chatglm2.tokenization import guess_family
+
+                return guess_family(folder)
+            return "chatglm2"
         raise GlmtuneError("config.json says model_type chatglm but has neither the ChatGLM-6B fields "
                            "(inner_hidden_size) nor the ChatGLM2/3 fields (ffn_hidden_size)")
     if model_type in ("glm", "glm4"):
@@ -122,17 +129,15 @@ def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
 def load_tokenizer(name: str) -> tuple[Any, str, Path]:
     """(tokenizer, family, checkpoint folder), without loading any weights."""
     path = resolve_model_path(name)
-    family = detect_family(read_model_config(path), name)
+    family = detect_family(read_model_config(path), name, path)
     try:
         if family == "chatglm":
             from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
 
             tokenizer = load_chatglm_tokenizer(path)
         elif family in NATIVE_FAMILIES:
-            from glmtune.models.chatglm2.tokenization import guess_family, load_chatglm2_tokenizer
+            from glmtune.models.chatglm2.tokenization import load_chatglm2_tokenizer
 
-            if family == "chatglm2" and (path / "tokenizer.model").is_file():
-                family = guess_family(path)  # ChatGLM3's tokenizer config can tell what its config.json does not
             tokenizer = load_chatglm2_tokenizer(path, family)
         else:
             from transformers import AutoTokenizer
