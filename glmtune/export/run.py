@@ -20,7 +20,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError, one_line
-from glmtune.files import check_output_folder, lstat, path_error, remove_stale
+from glmtune.files import check_output_folder, lstat, path_error, remove_stale, staged_folder
 from glmtune.methods.adapter import ADAPTER_FILE, EXPORT_FILE, FORMAT_VERSION
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -341,22 +340,9 @@ def _staging(out: Path):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise path_error(out, e, "cannot write") from None
-    tmp = _hidden(out, "export", os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out, _hidden(out, "export", os.getpid()), _hidden(out, "replaced", os.getpid())) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    gc.collect()  # memory-mapped base files may still be open on some platforms
-    if out.is_symlink() or out.exists():
-        old = _hidden(out, "replaced", os.getpid())
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-    else:
-        tmp.rename(out)
+        gc.collect()  # memory-mapped base files may still be open on some platforms
 
 
 def _write_record(folder: Path, kind: str, base_model: str, family: str, adapter_dir: Path, info: dict[str, Any],

@@ -3,7 +3,6 @@ base that bitsandbytes quantized to 4-bit NF4 (or 8 bits) while loading (glmtune
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from glmtune.errors import GlmtuneError, one_line
 from glmtune.families import family_facts, is_native
+from glmtune.files import read_json_object
 
 def target_modules(option: str, family: str) -> list[str] | str | None:
     if option == "auto":
@@ -124,12 +124,7 @@ def peft_folder_info(directory: Path) -> dict[str, Any]:
     names when that is a local checkpoint folder, else None (a hub id is only a hint). The family and the
     base fingerprint are the caller's to fill in, from the base it chooses."""
     path = Path(directory) / PEFT_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GlmtuneError(f"{path} is not valid JSON: {one_line(e)}") from None
-    if not isinstance(config, dict):
-        raise GlmtuneError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    config = read_json_object(path, "peft adapter config")
     kind = config.get("peft_type")
     if kind != "LORA":
         hint = ("glmtune's P-Tuning v2 reads official ChatGLM checkpoints and glmtune adapters, not peft's "

@@ -7,7 +7,6 @@ loads). Nothing is loaded with `trust_remote_code`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError, one_line
 from glmtune.families import NATIVE_FAMILIES, family_facts
+from glmtune.files import read_json_object
 from glmtune.models.kbit import Quantization, import_bitsandbytes, is_bitsandbytes_model, keep_standard_layout
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,7 @@ def resolve_model_path(name: str) -> Path:
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GlmtuneError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise GlmtuneError(f"{path / 'config.json'} must hold a JSON object, not {type(config).__name__}")
-    return config
+    return read_json_object(path / "config.json", "model config")
 
 
 def detect_family(config: dict[str, Any], name: str = "", folder: Path | None = None) -> str:
