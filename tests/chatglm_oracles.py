@@ -4,14 +4,13 @@ ChatGLM3 fine-tuning labels, and left padding of a batch as ChatGLM2/3's tokeniz
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from glmtune.models.chatglm2.tokenization import left_pad_features
+from glmtune.models.chatglm2.tokenization import chatglm3_message_parts, left_pad_features
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,6 @@ class ChatGLM3Rendering:
         return mask
 
 
-def _message_field(message: Any, name: str, default: Any = None) -> Any:
-    if isinstance(message, Mapping):
-        return message.get(name, default)
-    return getattr(message, name, default)
-
-
 def render_chatglm3(
     tokenizer,
     messages: Sequence[Any],
@@ -64,13 +57,7 @@ def render_chatglm3(
     ids = tokenizer.get_prefix_tokens() if add_prefix else []
     spans: list[MessageSpan] = []
     for message in messages:
-        role = _message_field(message, "role")
-        content = _message_field(message, "content", "") or ""
-        tools = _message_field(message, "tools")
-        has_tools = "tools" in message if isinstance(message, Mapping) else tools is not None
-        if role == "system" and has_tools:
-            content = content + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
-        metadata = _message_field(message, "metadata", "") or ""
+        role, metadata, content = chatglm3_message_parts(message)
         start = len(ids)
         ids = ids + [tokenizer.role_token_id(role)] + tokenizer.encode_text(f"{metadata}\n")
         content_start = len(ids)

@@ -57,6 +57,7 @@ __all__ = [
     "ChatGLM3Tokenizer",
     "GLMSentencePieceTokenizer",
     "build_chat_prompt",
+    "chatglm3_message_parts",
     "chatglm3_stop_ids",
     "guess_family",
     "left_pad_features",
@@ -449,7 +450,7 @@ class ChatGLM3Tokenizer(GLMSentencePieceTokenizer):
         with `attention_mask` and `position_ids` (tensors as the official, unless `return_tensors` says otherwise)."""
         ids = self.get_prefix_tokens()
         for message in list(history or []) + [{"role": role, "content": query}]:
-            ids += self.build_single_message(*_message_parts(message))
+            ids += self.build_single_message(*chatglm3_message_parts(message))
         ids.append(self.role_token_id("assistant"))
         return self.pad({"input_ids": [ids]}, padding=False, return_tensors=return_tensors)
 
@@ -460,7 +461,7 @@ def _message_field(message: Any, name: str, default: Any = None) -> Any:
     return getattr(message, name, default)
 
 
-def _message_parts(message: Any) -> tuple[str, str, str]:
+def chatglm3_message_parts(message: Any) -> tuple[str, str, str]:
     """(role, metadata, content) of a history message (a mapping or an object), as the official
     `build_chat_input` reads it: a system message's `tools` go after its content as indented JSON."""
     role = _message_field(message, "role")
