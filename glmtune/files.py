@@ -100,6 +100,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise GlmtuneError(f"{path}: {e}") from None
 
 
+def read_json_object(path: str | Path, what: str = "file", damaged: str = "") -> dict[str, Any]:
+    """The JSON object in `path` (read_json's errors), or a GlmtuneError that says what it holds instead;
+    `damaged` is added to that message (e.g. "; the adapter folder is damaged")."""
+    value = read_json(path, what)
+    if not isinstance(value, dict):
+        raise GlmtuneError(f"{path} must hold a JSON object, not {type(value).__name__}{damaged}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What a path names
 
@@ -380,6 +389,42 @@ def write_text(path: str | Path, text: str) -> None:
     """Replace `path` with `text` (UTF-8), whole or not at all (see `replacing_all`)."""
     with replacing(path) as f:
         f.write(text)
+
+
+def swap_in(staged: Path, final: Path, replaced: Path) -> None:
+    """Move the complete folder `staged` to `final` (renames, atomic within one file system). An older
+    `final` (a folder, a file or a link) is renamed to `replaced` first and removed after; the rename is made
+    durable where the platform allows."""
+    if final.is_symlink() or final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(staged, final)
+        if replaced.is_dir() and not replaced.is_symlink():
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            replaced.unlink(missing_ok=True)
+    else:
+        os.replace(staged, final)
+    with contextlib.suppress(OSError):
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path, staged: Path, replaced: Path) -> Iterator[Path]:
+    """Write a folder's files into `staged` (made afresh, beside `final`); when the block ends without an
+    error it is swapped in as `final` (swap_in), otherwise it is removed and `final` stays as it was."""
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    swap_in(staged, final, replaced)
 
 
 # ---------------------------------------------------------------------------------------------------------

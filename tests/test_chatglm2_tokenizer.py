@@ -200,8 +200,7 @@ def test_golden_chatglm2_chat_prompt(tok2, golden):
 
 def test_golden_chatglm3_build_chat_input(tok3, golden):
     import torch
-
-    from glmtune.models.chatglm2.tokenization import render_chatglm3
+    from chatglm_oracles import render_chatglm3
 
     chat = golden["chatglm3"]["build_chat_input"]
     out = tok3.build_chat_input(chat["query"], history=chat["history"], role=chat["role"])
@@ -254,7 +253,7 @@ def _unpadded(tensors) -> list[list[int]]:
 
 
 def test_left_pad_batch_infer(golden_infer):
-    from glmtune.models.chatglm2.tokenization import left_pad_batch
+    from chatglm_oracles import left_pad_batch
 
     _, tensors = golden_infer
     out = left_pad_batch(_unpadded(tensors), pad_id=0)
@@ -282,7 +281,7 @@ def test_tokenizer_pad_infer(toks, golden_infer):
 def test_golden_chatglm3_infer_layout_is_build_chat_input(tok3):
     # golden/chatglm3's rows are `build_chat_input` ids in stand-in form: [gMASK] sop <|user|> "\n" query
     # <|assistant|>
-    from glmtune.models.chatglm2.tokenization import render_chatglm3
+    from chatglm_oracles import render_chatglm3
 
     rendered = render_chatglm3(tok3, [{"role": "user", "content": "你好"}]).input_ids
     head = [TINY_TO_REAL.get(t, t) for t in [1001, 1003, 1006, 910, 13]]
@@ -329,7 +328,7 @@ def test_padding_options(toks, family):
 
 
 def test_left_pad_batch_lengths():
-    from glmtune.models.chatglm2.tokenization import left_pad_batch
+    from chatglm_oracles import left_pad_batch
 
     out = left_pad_batch([[7, 8], [9]], max_length=3, pad_to_multiple_of=4)
     assert out["input_ids"].tolist() == [[0, 0, 7, 8], [0, 0, 0, 9]]
@@ -481,7 +480,7 @@ OFFICIAL_TOOL_OBSERVATION_IDS = [
 
 
 def test_build_chat_input_with_tools_metadata_and_observation(tok3):
-    from glmtune.models.chatglm2.tokenization import render_chatglm3
+    from chatglm_oracles import render_chatglm3
 
     out = tok3.build_chat_input('{"price": 12412}', TOOL_HISTORY, role="observation")
     assert out["input_ids"].tolist() == [OFFICIAL_TOOL_OBSERVATION_IDS]
@@ -506,8 +505,9 @@ def test_build_single_message_and_small_inputs(tok3):
 
 
 def test_render_accepts_message_objects(tok3):
+    from chatglm_oracles import render_chatglm3
+
     from glmtune.data.formats import Message
-    from glmtune.models.chatglm2.tokenization import render_chatglm3
 
     dicts = [{"role": "system", "content": "s"}, {"role": "user", "content": "你好"}]
     objects = [Message("system", "s"), Message("user", "你好")]
@@ -515,7 +515,7 @@ def test_render_accepts_message_objects(tok3):
 
 
 def test_chatglm3_training_example(tok3):
-    from glmtune.models.chatglm2.tokenization import chatglm3_training_example
+    from chatglm_oracles import chatglm3_training_example
 
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗨"},
                 {"role": "user", "content": "再见"}, {"role": "assistant", "content": "拜拜"}]

@@ -135,9 +135,10 @@ def test_chatglm2_layout_equals_the_official_prompt_and_training_example(tiny_di
 
 
 def test_chatglm3_layout_equals_the_official_chat_input_and_finetuning_labels(tiny_dirs):
+    from chatglm_oracles import chatglm3_training_example, render_chatglm3
+
     from glmtune.data.formats import Sample
     from glmtune.data.preprocess import LengthLimits
-    from glmtune.models.chatglm2.tokenization import chatglm3_training_example, render_chatglm3
 
     tokenizer, family, encoder = _encoder(tiny_dirs["chatglm3"])
     assert family == "chatglm3"

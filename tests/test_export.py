@@ -28,7 +28,7 @@ def _make_lora(base: Path, out: Path, *, template: str = "auto", quantization=0)
     from peft import LoraConfig, get_peft_model
 
     from glmtune.methods.adapter import write_adapter_info
-    from glmtune.methods.lora import LoraMethod, _fit_quantized, target_modules
+    from glmtune.methods.lora import LoraMethod, fit_quantized, target_modules
     from glmtune.models.loader import fingerprint, load_model
 
     loaded = load_model(str(base), quantization=quantization)
@@ -36,7 +36,7 @@ def _make_lora(base: Path, out: Path, *, template: str = "auto", quantization=0)
                         target_modules=target_modules("auto" if loaded.family != "generic" else "all-linear",
                                                       loaded.family))
     torch.manual_seed(1)
-    model = get_peft_model(loaded.model, _fit_quantized(loaded.model, config))
+    model = get_peft_model(loaded.model, fit_quantized(loaded.model, config))
     with torch.no_grad():  # B at peft's random init is large; keep the update a realistic fraction of W
         for name, param in model.named_parameters():
             if "lora_B" in name:

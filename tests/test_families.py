@@ -56,3 +56,17 @@ def test_chatglm_families_are_detected_and_a_missing_vocabulary_is_named(tmp_pat
         {"model_type": "chatglm", "multi_query_attention": True, "ffn_hidden_size": 13696}))
     with pytest.raises(GlmtuneError, match="tokenizer.model"):
         load_tokenizer(str(tmp_path / "chatglm2"))
+
+def test_the_family_table_is_the_one_place_that_names_families():
+    from glmtune.data.templates import FAMILY_TEMPLATES
+    from glmtune.families import FAMILIES, NATIVE_FAMILIES, family_facts
+    from glmtune.models.kbit import Quantization
+
+    assert NATIVE_FAMILIES == ("chatglm", "chatglm2", "chatglm3")
+    assert family_facts("some-future-family") == FAMILIES["generic"]  # unknown names behave as before: generic
+    for facts in FAMILIES.values():
+        for name in (facts.template, facts.fallback_template):
+            assert name is None or name in FAMILY_TEMPLATES
+        assert Quantization(bits=4).for_family(facts.name).backend == facts.quantization_backend
+    with pytest.raises(GlmtuneError, match="own int layout"):
+        Quantization(bits=4, backend="chatglm").for_family("glm4")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from glmtune.data.formats import Message
 from glmtune.errors import GlmtuneError
+from glmtune.families import family_facts
 
 
 @dataclass
@@ -343,19 +344,19 @@ class GLM4Template(Template):
         return [Segment([p for p in s.parts if p.text], s.answer, s.trainable) for s in segments]
 
 
-FAMILY_TEMPLATES = {"chatglm": ChatGLMTemplate, "chatglm2": ChatGLM2Template, "chatglm3": ChatGLM3Template}
-# Families whose own layout is only the fallback for a tokenizer without a chat template.
-FALLBACK_TEMPLATES = {"glm4": GLM4Template}
+# The layouts a family's table row names (glmtune.families): its own, or its fallback without a chat template.
+FAMILY_TEMPLATES = {t.name: t for t in (ChatGLMTemplate, ChatGLM2Template, ChatGLM3Template, GLM4Template)}
 
 
 def get_template(name: str, tokenizer, family: str = "generic") -> Template:
     """The template called `name` ('auto' picks the family's own, else the chat template, else the family's
     fallback layout, else plain)."""
-    fallback = FALLBACK_TEMPLATES.get(family)
+    facts = family_facts(family)
+    fallback = FAMILY_TEMPLATES[facts.fallback_template] if facts.fallback_template else None
     if fallback is not None and (name == fallback.name or (name == "auto" and not getattr(tokenizer, "chat_template",
                                                                                          None))):
         return fallback()
-    own = FAMILY_TEMPLATES.get(family)
+    own = FAMILY_TEMPLATES[facts.template] if facts.template else None
     if own is not None:
         if name not in ("auto", own.name):
             raise GlmtuneError(f"a {family} model needs its own prompt layout; use template: {own.name} (or auto)")
@@ -366,6 +367,6 @@ def get_template(name: str, tokenizer, family: str = "generic") -> Template:
         return ChatTemplate(tokenizer)
     if name == "plain":
         return PlainTemplate()
-    if name in {t.name for t in [*FAMILY_TEMPLATES.values(), *FALLBACK_TEMPLATES.values()]}:
+    if name in FAMILY_TEMPLATES:
         raise GlmtuneError(f"template {name} is for {name} models only; this is a {family} model (use auto)")
     raise GlmtuneError(f"unknown template {name!r}; use auto, chat or plain")

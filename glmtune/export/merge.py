@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from glmtune.errors import GlmtuneError, one_line
+from glmtune.models.loader import read_model_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 SHARD_BYTES = 5 * 2**30  # the usual Hugging Face shard size
@@ -105,7 +105,7 @@ def save_native(model, base_path: Path, out: Path, dtype: torch.dtype) -> list[s
     (e.g. the official rotary inv_freq buffers) are copied from the base files as they are, and names the base
     does not store (a tied lm_head) are left out. A base stored quantized loses only its `weight_scale`s."""
     sources = base_weight_sources(base_path)
-    quantized = bool(_read_config(base_path).get("quantization_bit"))
+    quantized = bool(read_model_config(base_path).get("quantization_bit"))
     state = model.state_dict()
     opened: dict[Path, dict[str, torch.Tensor]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -155,20 +155,16 @@ def _write_shards(tensors: dict[str, torch.Tensor], out: Path) -> list[str]:
     return [*names, "model.safetensors.index.json"]
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    return json.loads((path / "config.json").read_text(encoding="utf-8"))
-
-
 def checkpoint_dtype(path: Path) -> str:
     """The dtype a checkpoint folder says it is stored in (config.json), float32 when it does not say."""
-    config = _read_config(path)
+    config = read_model_config(path)
     name = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
     return name if name in ("float16", "bfloat16", "float32") else "float32"
 
 
 def write_config(base_path: Path, out: Path, dtype: torch.dtype) -> None:
     """The base's config.json with the new dtype; a base stored quantized becomes a full-weight one."""
-    config = _read_config(base_path)
+    config = read_model_config(base_path)
     name = str(dtype).removeprefix("torch.")
     if "dtype" in config:
         config["dtype"] = name

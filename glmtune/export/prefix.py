@@ -19,11 +19,11 @@ TABLE_NAME = "embedding.weight"
 def final_table(model) -> tuple[str, torch.Tensor]:
     """(file key, [pre_seq_len, width] float32): the encoder's output for every prefix position, under the
     key prefix of the model's family (official `transformer.prefix_encoder.` for native ChatGLM)."""
-    from glmtune.methods.ptuning import _encoder, _key_prefix
+    from glmtune.methods.ptuning import key_prefix, prefix_encoder
 
-    encoder = _encoder(model)
+    encoder = prefix_encoder(model)
     positions = torch.arange(encoder.pre_seq_len, device=encoder.embedding.weight.device)
-    return _key_prefix(model) + TABLE_NAME, encoder(positions).float().cpu()
+    return key_prefix(model) + TABLE_NAME, encoder(positions).float().cpu()
 
 
 def write_prefix(out: Path, key: str, table: torch.Tensor, dtype: torch.dtype) -> str:
@@ -40,9 +40,9 @@ def use_table(model, table: torch.Tensor) -> None:
     """Turn the model's prefix encoder, in place, into the plain embedding an export loads into (the table
     cast to the encoder's dtype, as loading does), for the quality check. The encoder object stays, so the
     forward hooks that hold it keep working."""
-    from glmtune.methods.ptuning import _encoder
+    from glmtune.methods.ptuning import prefix_encoder
 
-    encoder = _encoder(model)
+    encoder = prefix_encoder(model)
     weight = encoder.embedding.weight
     encoder.embedding = nn.Embedding(*table.shape, device=weight.device, dtype=weight.dtype)
     encoder.embedding.weight.copy_(table.to(weight.dtype))

@@ -20,7 +20,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError, one_line
-from glmtune.files import check_output_folder, lstat, path_error, remove_stale
+from glmtune.files import check_output_folder, lstat, path_error, remove_stale, staged_folder
 from glmtune.methods.adapter import ADAPTER_FILE, EXPORT_FILE, FORMAT_VERSION
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -98,7 +97,7 @@ def _export_merged(adapter_dir: Path, out: Path, info: dict[str, Any], model: st
     from glmtune.export.merge import (checkpoint_dtype, copy_side_files, dequantize_base, fold_lora, save_native,
                                       save_transformers)
     from glmtune.models.kbit import Quantization, bitsandbytes_bits, is_bitsandbytes_model
-    from glmtune.models.loader import NATIVE_FAMILIES
+    from glmtune.families import is_native
 
     loaded = _load_base(info, adapter_dir, model, device)  # float32: the check compares before any cast
     stored_bnb = is_bitsandbytes_model(loaded.model)  # also a checkpoint stored in bitsandbytes' format
@@ -121,7 +120,7 @@ def _export_merged(adapter_dir: Path, out: Path, info: dict[str, Any], model: st
         line = _compare(before, _probe(loaded, template), exact=not rounds_activations, note=note)
     name = dtype or checkpoint_dtype(loaded.path)
     with _staging(out) as tmp:
-        if loaded.family in NATIVE_FAMILIES:
+        if is_native(loaded.family):
             files = save_native(loaded.model, loaded.path, tmp, getattr(torch, name))
         else:
             files = save_transformers(loaded.model, tmp, getattr(torch, name))
@@ -248,11 +247,11 @@ def _attach_lora(model, adapter_dir: Path):
     refuses to merge into them)."""
     from peft import PeftModel
 
-    from glmtune.methods.lora import _fit_quantized, read_lora_config
+    from glmtune.methods.lora import fit_quantized, read_lora_config
     from glmtune.models.loader import load_errors
 
     try:
-        config = _fit_quantized(model, read_lora_config(adapter_dir))
+        config = fit_quantized(model, read_lora_config(adapter_dir))
         adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, config=config)
     except load_errors() as e:
         raise GlmtuneError(f"cannot load the LoRA adapter in {adapter_dir}: {one_line(e)}") from None
@@ -342,22 +341,9 @@ def _staging(out: Path):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise path_error(out, e, "cannot write") from None
-    tmp = _hidden(out, "export", os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out, _hidden(out, "export", os.getpid()), _hidden(out, "replaced", os.getpid())) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    gc.collect()  # memory-mapped base files may still be open on some platforms
-    if out.is_symlink() or out.exists():
-        old = _hidden(out, "replaced", os.getpid())
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-    else:
-        tmp.rename(out)
+        gc.collect()  # memory-mapped base files may still be open on some platforms
 
 
 def _write_record(folder: Path, kind: str, base_model: str, family: str, adapter_dir: Path, info: dict[str, Any],

@@ -16,7 +16,7 @@ from typing import Any
 
 from glmtune import __version__
 from glmtune.errors import GlmtuneError
-from glmtune.files import loads
+from glmtune.files import read_json_object
 
 ADAPTER_FILE = "glmtune_adapter.json"
 EXPORT_FILE = "glmtune_export.json"  # written by `glmtune export` into the folder it makes
@@ -50,12 +50,7 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise GlmtuneError(f"{directory} is not a glmtune adapter: {ADAPTER_FILE} is missing "
                            "(point --adapter at OUT/adapter or OUT/best of a glmtune run)")
-    try:
-        info = loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # bad JSON, or nested absurdly deep (glmtune.files)
-        raise GlmtuneError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(info, dict):
-        raise GlmtuneError(f"{path} must hold a JSON object, not {type(info).__name__}; the adapter folder is damaged")
+    info = read_json_object(path, ADAPTER_FILE, "; the adapter folder is damaged")
     for key in ("method", "family", "base_model", "parameters"):
         if key not in info:
             raise GlmtuneError(f"{path} lacks {key!r}; the adapter folder is damaged")

@@ -3,26 +3,19 @@ base that bitsandbytes quantized to 4-bit NF4 (or 8 bits) while loading (glmtune
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError, one_line
-
-# Default target modules per family; the generic family uses peft's own per-architecture defaults.
-FAMILY_TARGETS = {
-    "chatglm": ["query_key_value"],
-    "chatglm2": ["query_key_value"],
-    "chatglm3": ["query_key_value"],
-    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
-
+from glmtune.families import family_facts, is_native
+from glmtune.files import read_json_object
 
 def target_modules(option: str, family: str) -> list[str] | str | None:
     if option == "auto":
-        return FAMILY_TARGETS.get(family)  # None: peft picks by model_type
+        targets = family_facts(family).lora_targets
+        return list(targets) if targets is not None else None  # None: peft picks by model_type
     if option == "all-linear":
         return "all-linear"
     names = [n.strip() for n in option.split(",") if n.strip()]
@@ -43,7 +36,7 @@ class LoraMethod:
 
         config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                             target_modules=target_modules(options.lora_target, family), task_type="CAUSAL_LM")
-        _fit_quantized(model, config)
+        fit_quantized(model, config)
         try:
             return get_peft_model(model, config)
         except ValueError as e:
@@ -61,7 +54,7 @@ class LoraMethod:
         from glmtune.models.loader import load_errors
 
         try:
-            config = _fit_quantized(model, read_lora_config(directory))
+            config = fit_quantized(model, read_lora_config(directory))
             adapted = PeftModel.from_pretrained(model, directory, is_trainable=False, config=config)
         except load_errors() as e:
             raise GlmtuneError(f"cannot load the LoRA adapter in {directory}: {one_line(e)}") from None
@@ -108,7 +101,7 @@ def read_lora_config(directory):
     return config
 
 
-def _fit_quantized(model, config):
+def fit_quantized(model, config):
     """Over quantized layers, peft must use the LoRA layer that refuses to merge into int weights."""
     from glmtune.models.quantization import has_quantized_modules, register_quantized_lora
 
@@ -131,12 +124,7 @@ def peft_folder_info(directory: Path) -> dict[str, Any]:
     names when that is a local checkpoint folder, else None (a hub id is only a hint). The family and the
     base fingerprint are the caller's to fill in, from the base it chooses."""
     path = Path(directory) / PEFT_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GlmtuneError(f"{path} is not valid JSON: {one_line(e)}") from None
-    if not isinstance(config, dict):
-        raise GlmtuneError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    config = read_json_object(path, "peft adapter config")
     kind = config.get("peft_type")
     if kind != "LORA":
         hint = ("glmtune's P-Tuning v2 reads official ChatGLM checkpoints and glmtune adapters, not peft's "
@@ -246,11 +234,11 @@ def model_skeleton(path: Path, family: str):
     against before minutes of loading; None where it cannot be built (the check then runs after loading)."""
     import torch
 
-    from glmtune.models.loader import NATIVE_FAMILIES, native_classes
+    from glmtune.models.loader import native_classes
 
     try:
         with torch.device("meta"):
-            if family in NATIVE_FAMILIES:
+            if is_native(family):
                 config_class, model_class, _ = native_classes(family)
                 return model_class(config_class.from_pretrained(path))
             from transformers import AutoConfig, AutoModelForCausalLM

@@ -16,24 +16,22 @@ from typing import Any
 import torch
 
 from glmtune.errors import GlmtuneError, one_line
+from glmtune.families import is_native, is_native_model
 
-NATIVE_PREFIX_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # the model has a built-in, official prefix encoder
 WEIGHTS_FILE = "prefix_encoder.safetensors"
 OFFICIAL_FILES = ("pytorch_model.bin", "model.safetensors")
 KEY_PREFIX = "transformer.prefix_encoder."  # the official names, used by the native families
 GENERIC_KEY_PREFIX = "prefix_encoder."  # every other family
 
 
-def _native(model) -> bool:
-    return hasattr(getattr(model, "transformer", None), "enable_prefix")
+def key_prefix(model) -> str:
+    """Where the prefix encoder's weights are named in the model's state dict (and in adapter files)."""
+    return KEY_PREFIX if is_native_model(model) else GENERIC_KEY_PREFIX
 
 
-def _key_prefix(model) -> str:
-    return KEY_PREFIX if _native(model) else GENERIC_KEY_PREFIX
-
-
-def _encoder(model):
-    return model.transformer.prefix_encoder if _native(model) else model.prefix_encoder
+def prefix_encoder(model):
+    """The model's prefix encoder (after P-Tuning was applied or loaded)."""
+    return model.transformer.prefix_encoder if is_native_model(model) else model.prefix_encoder
 
 
 def check_prefix_fits(pre_seq_len: int, limit: int | None) -> None:
@@ -49,7 +47,7 @@ def _enable(model, parameters: dict[str, Any], *, fresh: bool = True) -> None:
 
     pre_seq_len = parameters["pre_seq_len"]
     check_prefix_fits(pre_seq_len, context_length(model.config))
-    if _native(model):
+    if is_native_model(model):
         model.transformer.enable_prefix(pre_seq_len, projection=parameters["prefix_projection"],
                                         hidden_size=parameters.get("prefix_hidden_size"))
     else:
@@ -60,17 +58,17 @@ def _enable(model, parameters: dict[str, Any], *, fresh: bool = True) -> None:
 
 
 def prefix_state(model) -> dict[str, torch.Tensor]:
-    names = _key_prefix(model)
-    return {names + k: v.detach().float().contiguous().cpu() for k, v in _encoder(model).state_dict().items()}
+    names = key_prefix(model)
+    return {names + k: v.detach().float().contiguous().cpu() for k, v in prefix_encoder(model).state_dict().items()}
 
 
 def _load_prefix(model, state: dict[str, torch.Tensor], directory: Path, parameters: dict[str, Any], *,
                  official: bool = False) -> None:
-    key_prefix = _key_prefix(model)
-    state = {k.removeprefix(key_prefix): v for k, v in state.items() if k.startswith(key_prefix)}
+    names = key_prefix(model)
+    state = {k.removeprefix(names): v for k, v in state.items() if k.startswith(names)}
     if not state:
-        raise GlmtuneError(f"{directory} holds no prefix encoder weights ({key_prefix}*)")
-    encoder = _encoder(model)
+        raise GlmtuneError(f"{directory} holds no prefix encoder weights ({names}*)")
+    encoder = prefix_encoder(model)
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if found.keys() != expected.keys():
@@ -102,9 +100,9 @@ class PTuningMethod:
     def apply(self, model, options, family: str):
         parameters = self.parameters(options, family)
         _enable(model, parameters)
-        key_prefix = _key_prefix(model)
+        names = key_prefix(model)
         for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(key_prefix)
+            param.requires_grad = name.startswith(names)
         return model
 
     def save(self, model, directory: Path) -> None:
@@ -182,7 +180,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_official(model, info: dict[str, Any], directory: Path):
-    if info["family"] not in NATIVE_PREFIX_FAMILIES:
+    if not is_native(info["family"]):  # only the native families have the official prefix encoder
         raise GlmtuneError(f"{directory} is an official ChatGLM P-Tuning checkpoint, but the base model is a "
                            f"{info['family']} model; it loads over ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B")
     parameters = info["parameters"]

@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from glmtune.errors import GlmtuneError
+from glmtune.families import family_facts
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "chatglm", "bitsandbytes")
 QUANT_TYPES = ("nf4", "fp4")
-CHATGLM_BACKEND_FAMILIES = ("chatglm", "chatglm2", "chatglm3")
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,9 @@ class Quantization:
         """The backend made concrete for a family (auto resolved); a backend the family cannot use is refused."""
         if not self.bits:
             return Quantization()
-        backend = self.backend
-        if backend == "auto":
-            backend = "chatglm" if family in CHATGLM_BACKEND_FAMILIES else "bitsandbytes"
-        if backend == "chatglm" and family not in CHATGLM_BACKEND_FAMILIES:
+        own = family_facts(family).quantization_backend
+        backend = own if self.backend == "auto" else self.backend
+        if backend == "chatglm" and own != "chatglm":  # ChatGLM's layout fits only the families it is made for
             raise GlmtuneError(f"quantization_backend chatglm is ChatGLM-6B/2/3's own int layout; a {family} model "
                                "is quantized with quantization_backend: bitsandbytes (or auto)")
         return replace(self, backend=backend)
@@ -181,7 +180,7 @@ def check_bitsandbytes(device_type: str, family: str) -> None:
     problem = bitsandbytes_problem(device_type)
     if problem:
         alternative = ("quantization_backend: chatglm (ChatGLM's own int8/int4, runs anywhere), or "
-                       if family in CHATGLM_BACKEND_FAMILIES else "")
+                       if family_facts(family).quantization_backend == "chatglm" else "")
         raise GlmtuneError(f"a bitsandbytes-quantized base (method qlora, or quantization_bit) cannot be used here: "
                            f"{problem}. Use {alternative}method lora on the full-precision base (quantization_bit: 0), "
                            "or bitsandbytes >= 0.46 (it runs on the CPU too), or a CUDA GPU")

@@ -7,7 +7,6 @@ loads). Nothing is loaded with `trust_remote_code`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from typing import Any
 
 from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError, one_line
+from glmtune.families import NATIVE_FAMILIES, family_facts
+from glmtune.files import read_json_object
 from glmtune.models.kbit import Quantization, import_bitsandbytes, is_bitsandbytes_model, keep_standard_layout
 
 log = logging.getLogger(__name__)
@@ -73,35 +74,30 @@ def resolve_model_path(name: str) -> Path:
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GlmtuneError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise GlmtuneError(f"{path / 'config.json'} must hold a JSON object, not {type(config).__name__}")
-    return config
+    return read_json_object(path / "config.json", "model config")
 
 
-def detect_family(config: dict[str, Any], name: str = "") -> str:
-    """The model family from config.json (and, for ChatGLM2 vs ChatGLM3, the checkpoint's name)."""
+def detect_family(config: dict[str, Any], name: str = "", folder: Path | None = None) -> str:
+    """The model family from config.json (and, for ChatGLM2 vs ChatGLM3, the checkpoint's name and, in a
+    `folder` with ChatGLM2/3's vocabulary, what its tokenizer config says: config.json is the same for both)."""
     model_type = config.get("model_type", "")
     if model_type == "chatglm":
         if "inner_hidden_size" in config or "position_encoding_2d" in config:
             return "chatglm"
         if "multi_query_attention" in config or "ffn_hidden_size" in config:
             names = f"{name} {config.get('_name_or_path', '')}".lower()
-            return "chatglm3" if "chatglm3" in names else "chatglm2"
+            if "chatglm3" in names:
+                return "chatglm3"
+            if folder is not None and (folder / "tokenizer.model").is_file():
+                from glmtune.models.chatglm2.tokenization import guess_family
+
+                return guess_family(folder)
+            return "chatglm2"
         raise GlmtuneError("config.json says model_type chatglm but has neither the ChatGLM-6B fields "
                            "(inner_hidden_size) nor the ChatGLM2/3 fields (ffn_hidden_size)")
     if model_type in ("glm", "glm4"):
         return "glm4"
     return "generic"
-
-
-NATIVE_FAMILIES = ("chatglm", "chatglm2", "chatglm3")  # glmtune's own model and tokenizer code
-
-
-GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
 def known_token_ids(tokenizer, tokens) -> set[int]:
@@ -127,17 +123,15 @@ def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
 def load_tokenizer(name: str) -> tuple[Any, str, Path]:
     """(tokenizer, family, checkpoint folder), without loading any weights."""
     path = resolve_model_path(name)
-    family = detect_family(read_model_config(path), name)
+    family = detect_family(read_model_config(path), name, path)
     try:
         if family == "chatglm":
             from glmtune.models.chatglm.tokenization import load_chatglm_tokenizer
 
             tokenizer = load_chatglm_tokenizer(path)
         elif family in NATIVE_FAMILIES:
-            from glmtune.models.chatglm2.tokenization import guess_family, load_chatglm2_tokenizer
+            from glmtune.models.chatglm2.tokenization import load_chatglm2_tokenizer
 
-            if family == "chatglm2" and (path / "tokenizer.model").is_file():
-                family = guess_family(path)  # ChatGLM3's tokenizer config can tell what its config.json does not
             tokenizer = load_chatglm2_tokenizer(path, family)
         else:
             from transformers import AutoTokenizer
@@ -212,11 +206,10 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
 
 def _ready(model, tokenizer, family: str, path: Path, name: str, quantization: Quantization) -> LoadedModel:
     """The generation settings every loaded model gets, and the LoadedModel around it."""
-    if family == "chatglm3":  # end answers where the official chat() does
-        model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer))
-    if family == "glm4":  # a turn ends at eos or where the next role would start, as GLM-4's generation_config says
+    stops = family_facts(family).stop_tokens
+    if stops:  # a turn ends at eos or where the next role would start (ChatGLM3's official chat(), GLM-4's config)
         model.generation_config.eos_token_id = sorted(stop_token_ids(tokenizer, model.generation_config)
-                                                      | known_token_ids(tokenizer, GLM4_STOP_TOKENS))
+                                                      | known_token_ids(tokenizer, stops))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     # adapters record the base by this name: a folder by its absolute path, so they work from any directory

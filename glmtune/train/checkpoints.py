@@ -10,13 +10,13 @@ fsynced, which glmtune does not do.)
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from glmtune import files
 from glmtune.errors import GlmtuneError, one_line
-from glmtune.files import read_json, remove_stale
+from glmtune.files import read_json, remove_stale, swap_in
 
 STAGING = ".saving-"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -97,35 +97,16 @@ def checkpoint_shapes(checkpoint: Path) -> list[tuple[int, ...]] | None:
 
 def publish(staged: Path, final: Path) -> None:
     """Move a complete folder to its final name, replacing an older one of that name."""
-    if final.exists():
-        old = final.parent / f"{STAGING}replaced-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, final)
-    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    swap_in(staged, final, final.parent / f"{STAGING}replaced-{final.name}")
 
 
 @contextlib.contextmanager
 def staged_folder(final: Path) -> Iterator[Path]:
     """Write a folder's files into the yielded staging folder; on success it becomes `final`."""
     final = Path(final)
-    staged = final.parent / f"{STAGING}{final.name}"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    try:
+    with files.staged_folder(final, final.parent / f"{STAGING}{final.name}",
+                             final.parent / f"{STAGING}replaced-{final.name}") as staged:
         yield staged
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    publish(staged, final)
 
 
 class AtomicCheckpoints:

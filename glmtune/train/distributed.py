@@ -104,18 +104,16 @@ def parameter_count(parameter) -> int:
 def check_deepspeed(path: str) -> None:
     """A DeepSpeed config must exist, be a JSON object, and deepspeed must be importable: said before anything
     is loaded or written, not by a traceback from inside the Trainer."""
-    from glmtune.files import read_json, status
+    from glmtune.files import read_json_object, status
 
     p = Path(path)
     if status(p) is None:
         raise GlmtuneError(f"deepspeed config not found: {p} (examples/deepspeed_zero2.json and "
                            "examples/deepspeed_zero3_offload.json are ready-made ones)")
     try:
-        data = read_json(p, "deepspeed config")
+        read_json_object(p, "deepspeed config")
     except GlmtuneError as e:
         raise GlmtuneError(f"deepspeed config {e}") from None
-    if not isinstance(data, dict):
-        raise GlmtuneError(f"deepspeed config {p} must be a JSON object")
     if importlib.util.find_spec("deepspeed") is None:
         raise GlmtuneError("--deepspeed needs the deepspeed package, which is not installed: pip install deepspeed "
                            "(on a machine with CUDA GPUs; see docs/distributed.md)")

@@ -17,11 +17,11 @@ from glmtune.config import TrainConfig, resolve, to_yaml
 from glmtune.data.preprocess import IGNORE_INDEX, Encoder, TruncationReport, encode_samples
 from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError, one_line
+from glmtune.families import family_facts, is_native
 from glmtune.methods import get_method
 from glmtune.models.kbit import Quantization, check_bitsandbytes
-from glmtune.models.loader import (GLM4_STOP_TOKENS, NATIVE_FAMILIES, WEIGHT_PATTERNS, LoadedModel, known_token_ids,
-                                   native_classes, default_device, load_tokenizer, read_model_config, resolve_dtype,
-                                   stop_token_ids)
+from glmtune.models.loader import (WEIGHT_PATTERNS, LoadedModel, default_device, known_token_ids, load_tokenizer,
+                                   native_classes, read_model_config, resolve_dtype, stop_token_ids)
 from glmtune.train.memory import MemoryEstimate, estimate_training_memory
 from glmtune.train.recipe import (check_report_to, length_limits, load_data, requested_quantization, resolved_config,
                                   training_arguments)
@@ -94,8 +94,7 @@ def _stop_ids(tokenizer, family: str, path: Path) -> set[int]:
 
         generation_config = GenerationConfig.from_pretrained(path)
     ids = stop_token_ids(tokenizer, generation_config)
-    if family == "glm4":
-        ids |= known_token_ids(tokenizer, GLM4_STOP_TOKENS)
+    ids |= known_token_ids(tokenizer, family_facts(family).stop_tokens)
     return ids
 
 
@@ -103,7 +102,7 @@ def _empty_model(path: Path, family: str, dtype):
     """The model with every tensor on the meta device: its shapes and parameter count, no memory."""
     from accelerate import init_empty_weights
 
-    if family in NATIVE_FAMILIES:
+    if is_native(family):
         config_class, model_class, _ = native_classes(family)
         config = config_class.from_pretrained(path)
 
@@ -216,7 +215,7 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
 
     tokenizer, family, path = load_tokenizer(cfg.model)
     quantization = requested_quantization(cfg).for_family(family)
-    stored = read_model_config(path).get("quantization_bit") if family in NATIVE_FAMILIES else None
+    stored = read_model_config(path).get("quantization_bit") if is_native(family) else None
     if stored:  # an -int4 / -int8 checkpoint is read as it is stored
         quantization = Quantization(bits=int(stored), backend="chatglm")
     if quantization.backend == "bitsandbytes":  # a 64x64 test layer: can this machine quantize at all?

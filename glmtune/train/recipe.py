@@ -23,7 +23,7 @@ from transformers import set_seed
 
 from glmtune.config import TrainConfig, resolve
 from glmtune.data.cache import dataset_cache_usable, encode_cached
-from glmtune.data.collate import PackCollator, PadCollator, restarting_positions
+from glmtune.data.collate import PackCollator, PadCollator
 from glmtune.data.formats import load_samples
 from glmtune.data.packing import pack_features
 from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport
@@ -32,6 +32,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.methods import get_method
 from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, load_model
+from glmtune.models.packing import packing_layout
 from glmtune.train.distributed import check_deepspeed, same_on_all_ranks, world_size
 from glmtune.train.loss import LabelledLossTrainer
 from glmtune.train.run_folder import RunFolder, default_output_dir
@@ -203,22 +204,9 @@ def requested_quantization(cfg: TrainConfig) -> Quantization:
 
 
 def pack_collator(loaded: LoadedModel) -> PackCollator:
-    """The collator for packed rows, with the layout the family reads packed samples from. transformers'
-    models read restarting positions only through their shared mask code; older ones would let packed
-    samples see each other, so they are refused."""
-    layout = restarting_positions
-    if loaded.family == "chatglm":
-        from glmtune.models.chatglm.modeling import packed_layout
-
-        layout = packed_layout(loaded.model.config)
-    elif loaded.family != "chatglm2" and loaded.family != "chatglm3":
-        model = loaded.model
-        implementation = getattr(model.config, "_attn_implementation", None)
-        if not getattr(model, "_supports_attention_backend", False) or implementation not in ("sdpa", "eager"):
-            raise GlmtuneError(f"packing needs a model whose attention keeps packed samples apart (transformers' "
-                               f"sdpa or eager attention); {type(model).__name__} with {implementation} attention "
-                               "cannot: train without packing")
-    return PackCollator(loaded.tokenizer.pad_token_id, layout=layout, count_tokens=True)
+    """The collator for packed rows, with the layout the family reads packed samples from."""
+    return PackCollator(loaded.tokenizer.pad_token_id, layout=packing_layout(loaded.family, loaded.model),
+                        count_tokens=True)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-FAMILIES = ("chatglm", "chatglm2", "chatglm3")
+from glmtune.families import NATIVE_FAMILIES
+
+FAMILIES = NATIVE_FAMILIES  # glmtune's own models, each with golden outputs of the official code
 ATOL = 1e-4  # the fixtures' README: logits and losses are O(10), made with one thread
 HALF_TOLERANCE = {"bfloat16": 0.1, "float16": 0.02}  # largest |logit - fp32 logit| / largest |fp32 logit|
 STEP_TOLERANCE = 1e-3  # loss after each of the training steps, device vs CPU, float32

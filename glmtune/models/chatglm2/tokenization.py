@@ -20,9 +20,9 @@ run on transformers 4.30). Both families read the same ``tokenizer.model``:
   too, ChatGLM3 writes them out (``"[gMASK]sop 你好"``), which its ``chat()`` relies on to split answers at
   ``<|assistant|>``. No clean-up of tokenization spaces. Tokens a user adds (``add_tokens``) are cut out of text and
   decode as literal text, runs of pieces decoded apart and joined by spaces, as transformers 4.30 did.
-* ChatGLM3 conversations: ``render_chatglm3`` lays messages out as the official ``build_chat_input`` and says where
-  each message lies; ``chatglm3_training_example`` gives the official fine-tuning labels; ``chatglm3_stop_ids`` the
-  official ``chat()`` stop ids. ChatGLM2's prompt text: ``build_chat_prompt``.
+* ChatGLM3 conversations: ``build_chat_input`` as the official; ``chatglm3_stop_ids`` the official ``chat()`` stop
+  ids. ChatGLM2's prompt text: ``build_chat_prompt``. (The official fine-tuning labels, the oracle glmtune's
+  ChatGLM3 template is tested against, live in tests/chatglm_oracles.py.)
 
 Deliberate differences (the official outputs there were broken or raised): ``skip_special_tokens=True`` drops the
 command and role tokens (the official flag had no effect); ``convert_ids_to_tokens`` names every id (``<unk>``,
@@ -40,11 +40,9 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import PaddingStrategy
@@ -56,18 +54,14 @@ __all__ = [
     "CHATGLM3_ROLES",
     "VOCAB_FILE_NAME",
     "ChatGLM2Tokenizer",
-    "ChatGLM3Rendering",
     "ChatGLM3Tokenizer",
     "GLMSentencePieceTokenizer",
-    "MessageSpan",
     "build_chat_prompt",
+    "chatglm3_message_parts",
     "chatglm3_stop_ids",
-    "chatglm3_training_example",
     "guess_family",
-    "left_pad_batch",
     "left_pad_features",
     "load_chatglm2_tokenizer",
-    "render_chatglm3",
 ]
 
 VOCAB_FILE_NAME = "tokenizer.model"
@@ -124,25 +118,6 @@ def left_pad_features(
             out["special_tokens_mask"] = [1] * extra + _as_id_list(out["special_tokens_mask"])
         out[key] = [pad_id] * extra + ids
     return out
-
-
-def left_pad_batch(
-    input_ids_list: Iterable[Iterable[Any]],
-    *,
-    pad_id: int = 0,
-    max_length: int | None = None,
-    pad_to_multiple_of: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Left-pad token id lists as ChatGLM2/3's tokenizer does: int64 `input_ids`, `attention_mask` and
-    `position_ids`, all `[B, L]`; L is the longest sequence (or `max_length`) rounded up to `pad_to_multiple_of`."""
-    sequences = [_as_id_list(s) for s in input_ids_list]
-    longest = max((len(s) for s in sequences), default=0)
-    length = _round_up(longest if max_length is None else max_length, pad_to_multiple_of)
-    if longest > length:
-        raise ValueError(f"a sequence of {longest} tokens does not fit max_length={length}")
-    rows = [left_pad_features({"input_ids": s}, length, pad_id=pad_id) for s in sequences]
-    return {key: np.asarray([r[key] for r in rows], dtype=np.int64).reshape(len(rows), length)
-            for key in ("input_ids", "attention_mask", "position_ids")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,39 +448,11 @@ class ChatGLM3Tokenizer(GLMSentencePieceTokenizer):
     ) -> BatchEncoding:
         """The official `chat()` input: `[gMASK] sop`, the history, the query as `role`, then `<|assistant|>`;
         with `attention_mask` and `position_ids` (tensors as the official, unless `return_tensors` says otherwise)."""
-        messages = list(history or []) + [{"role": role, "content": query}]
-        ids = render_chatglm3(self, messages).input_ids
+        ids = self.get_prefix_tokens()
+        for message in list(history or []) + [{"role": role, "content": query}]:
+            ids += self.build_single_message(*chatglm3_message_parts(message))
+        ids.append(self.role_token_id("assistant"))
         return self.pad({"input_ids": [ids]}, padding=False, return_tensors=return_tensors)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ChatGLM3 conversations
-
-
-@dataclass(frozen=True)
-class MessageSpan:
-    """Where one message lies in a rendered conversation (token positions, end exclusive)."""
-
-    role: str
-    start: int  # the role token
-    content_start: int  # first token of the text, after the role token and the metadata line
-    end: int
-
-
-@dataclass(frozen=True)
-class ChatGLM3Rendering:
-    input_ids: list[int]
-    spans: list[MessageSpan]  # one per message, in order
-
-    @property
-    def assistant_mask(self) -> list[bool]:
-        """True on every token of an assistant message, role token and metadata line included (the official
-        fine-tuning script's loss mask before its one-token shift)."""
-        mask = [False] * len(self.input_ids)
-        for span in self.spans:
-            if span.role == "assistant":
-                mask[span.start:span.end] = [True] * (span.end - span.start)
-        return mask
 
 
 def _message_field(message: Any, name: str, default: Any = None) -> Any:
@@ -514,52 +461,16 @@ def _message_field(message: Any, name: str, default: Any = None) -> Any:
     return getattr(message, name, default)
 
 
-def render_chatglm3(
-    tokenizer: ChatGLM3Tokenizer,
-    messages: Sequence[Any],
-    *,
-    add_generation_prompt: bool = True,
-    add_prefix: bool = True,
-) -> ChatGLM3Rendering:
-    """A ChatGLM3 conversation as token ids, laid out as the official `build_chat_input`.
-
-    `messages` are mappings (or objects) with `role` (system, user, assistant, observation), `content`, and
-    optionally `metadata` (e.g. the tool name an assistant message calls) and, on a system message, `tools` (appended
-    to the content as indented JSON). Each message is `<|role|>` + ids of `metadata + "\\n"` + ids of the content;
-    `[gMASK] sop` goes first (`add_prefix`) and `<|assistant|>` last (`add_generation_prompt`).
-    `build_chat_input(query, history, role)` equals this over `history + [{"role": role, "content": query}]`.
-    """
-    ids = tokenizer.get_prefix_tokens() if add_prefix else []
-    spans: list[MessageSpan] = []
-    for message in messages:
-        role = _message_field(message, "role")
-        content = _message_field(message, "content", "") or ""
-        tools = _message_field(message, "tools")
-        has_tools = "tools" in message if isinstance(message, Mapping) else tools is not None
-        if role == "system" and has_tools:
-            content = content + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
-        metadata = _message_field(message, "metadata", "") or ""
-        start = len(ids)
-        ids = ids + [tokenizer.role_token_id(role)] + tokenizer.encode_text(f"{metadata}\n")
-        content_start = len(ids)
-        ids = ids + tokenizer.encode_text(content)
-        spans.append(MessageSpan(role, start, content_start, len(ids)))
-    if add_generation_prompt:
-        ids = ids + [tokenizer.role_token_id("assistant")]
-    return ChatGLM3Rendering(ids, spans)
-
-
-def chatglm3_training_example(
-    tokenizer: ChatGLM3Tokenizer, messages: Sequence[Any], *, ignore_index: int = -100
-) -> dict[str, list[int]]:
-    """`input_ids` and `labels` as the official ChatGLM3 fine-tuning script builds them: the rendered conversation
-    (no generation prompt) + eos; a token is a label when the token before it belongs to an assistant message, so
-    each answer trains its metadata line, its text and the token after it (the next role token, or eos)."""
-    rendering = render_chatglm3(tokenizer, messages, add_generation_prompt=False)
-    input_ids = rendering.input_ids + [tokenizer.eos_token_id]
-    shifted = [False] + rendering.assistant_mask
-    labels = [t if keep else ignore_index for t, keep in zip(input_ids, shifted)]
-    return {"input_ids": input_ids, "labels": labels}
+def chatglm3_message_parts(message: Any) -> tuple[str, str, str]:
+    """(role, metadata, content) of a history message (a mapping or an object), as the official
+    `build_chat_input` reads it: a system message's `tools` go after its content as indented JSON."""
+    role = _message_field(message, "role")
+    content = _message_field(message, "content", "") or ""
+    tools = _message_field(message, "tools")
+    has_tools = "tools" in message if isinstance(message, Mapping) else tools is not None
+    if role == "system" and has_tools:
+        content = content + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
+    return role, _message_field(message, "metadata", "") or "", content
 
 
 def chatglm3_stop_ids(tokenizer: GLMSentencePieceTokenizer) -> list[int]:
