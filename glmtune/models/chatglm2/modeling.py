@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from glmtune.models.chatglm2.configuration import ChatGLM2Config
 from glmtune.models.native import layer_prefixes, next_token_loss
@@ -31,6 +33,8 @@ from glmtune.models.prefix import PrefixEncoder
 from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, empty_quantized_modules
 
 PREFIX_DROPOUT = 0.1  # the official dropout on the P-Tuning prefix while training
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's P-Tuning prefix [batch, groups, pre_seq_len, head_dim]
 
 
 def blocked_mask(padding_mask: torch.Tensor | None, batch: int, length: int, past: int, prefix: int,
@@ -123,7 +127,8 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, width, bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, hidden, rotary, blocked, past_key_values: Cache | None, prefix):
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, blocked: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None) -> torch.Tensor:
         batch, length, _ = hidden.shape
         qkv = self.query_key_value(hidden)
         if self.config.multi_query_attention:  # [all queries | group keys | group values]
@@ -175,7 +180,10 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(GradientCheckpointingLayer):
+    """One layer; with gradient checkpointing on, transformers recomputes its forward in the backward pass
+    (the tensors that need gradients, `hidden` and `prefix`, come positionally)."""
+
     def __init__(self, config: ChatGLM2Config, layer_idx: int):
         super().__init__()
         self.config = config
@@ -184,26 +192,32 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, rotary, blocked, past_key_values=None, prefix=None):
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, blocked: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None) -> torch.Tensor:
         post_norm_residual = self.config.apply_residual_connection_post_layernorm
         dropout = self.config.hidden_dropout
         normed = self.input_layernorm(hidden)
-        attended = self.self_attention(normed, rotary, blocked, past_key_values, prefix)
+        attended = self.self_attention(normed, rotary, blocked, prefix, past_key_values)
         hidden = (normed if post_norm_residual else hidden) + F.dropout(attended, dropout, self.training)
         normed = self.post_attention_layernorm(hidden)
         return (normed if post_norm_residual else hidden) + F.dropout(self.mlp(normed), dropout, self.training)
 
 
 class Embedding(nn.Module):
+    """Exists only so the weights keep the official checkpoint name `transformer.embedding.word_embeddings`."""
+
     def __init__(self, config: ChatGLM2Config):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
 
 
 class GLMTransformer(nn.Module):
+    """Exists only so the weights keep the official checkpoint names `transformer.encoder.layers.*` and
+    `transformer.encoder.final_layernorm`; ChatGLM2Model.forward runs the layers."""
+
     def __init__(self, config: ChatGLM2Config):
         super().__init__()
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
@@ -230,6 +244,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         super().__init__(config)
         self.embedding = Embedding(config)
         self.encoder = GLMTransformer(config)
+        # the LM head, inside the base model as in the official checkpoints (`transformer.output_layer`)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.prefix_encoder = None
@@ -255,13 +270,14 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
 
-    def prefix_key_values(self, batch: int, dtype: torch.dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prefix_key_values(self, batch: int, dtype: torch.dtype, device) -> list[KeyValue]:
         """Per layer (key, value) [batch, groups, pre_seq_len, head_dim] from the prefix encoder."""
         config = self.config
         tokens = torch.arange(config.pre_seq_len, device=device)[None]
         flat = self.prefix_dropout(self.prefix_encoder(tokens).to(dtype).expand(batch, -1, -1))
         return layer_prefixes(flat, config.num_layers, config.kv_groups, config.kv_channels)
 
+    @can_return_tuple  # honours return_dict=False (and config.return_dict) with the output's to_tuple()
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -271,15 +287,13 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        checkpointing = self.gradient_checkpointing and self.training
-        if checkpointing:
-            use_cache = False
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a recomputed layer would write its keys and values to the cache twice
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -314,10 +328,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             layer_prefix = prefix[i] if prefix is not None else None
-            if checkpointing:
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, rotary, blocked, None, layer_prefix)
-            else:
-                hidden = layer(hidden, rotary, blocked, past_key_values, layer_prefix)
+            hidden = layer(hidden, rotary, blocked, layer_prefix, past_key_values=past_key_values)
         if output_hidden_states:
             all_hidden += (hidden,)  # the official last hidden state comes before the final norm
         if self.encoder.final_layernorm is not None:
@@ -350,6 +361,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
     def get_decoder(self):
         return self.transformer
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -360,13 +372,13 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                   use_cache=use_cache, output_hidden_states=output_hidden_states)
+                                   use_cache=use_cache, output_hidden_states=output_hidden_states,
+                                   return_dict=True)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
