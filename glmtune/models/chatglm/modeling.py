@@ -16,6 +16,9 @@ outputs in fixtures/golden/chatglm):
 Tensors are batch-first; the KV cache is a transformers `Cache` holding [batch, heads, seq, head_dim].
 Attention masks arrive as None (derived from the ids, as the official model does), as a 2D padding mask
 (1 = token, 0 = padding, what glmtune's collators give) or as the official 4D bool mask (True = blocked).
+That 4D mask is what the official tokenizer returns and official callers pass, so the ChatGLM-6B files (this
+one and its tokenizer) keep its convention, True = blocked; the rest of glmtune uses SDPA's and transformers'
+(True = may attend).
 """
 
 from __future__ import annotations

@@ -37,9 +37,10 @@ PREFIX_DROPOUT = 0.1  # the official dropout on the P-Tuning prefix while traini
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's P-Tuning prefix [batch, groups, pre_seq_len, head_dim]
 
 
-def blocked_mask(padding_mask: torch.Tensor | None, batch: int, length: int, past: int, prefix: int,
-                 device, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """[batch, 1, length, prefix + past + length] bool, True where attention is blocked.
+def attend_mask(padding_mask: torch.Tensor | None, batch: int, length: int, past: int, prefix: int,
+                device, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, 1, length, prefix + past + length] bool, True where a query may attend (SDPA's and
+    transformers' convention).
 
     Causal over the cache and the new tokens, padding columns blocked, the prefix always visible. With
     neither cache nor prefix, padding rows are left fully open, as the official code does (their outputs
@@ -48,17 +49,17 @@ def blocked_mask(padding_mask: torch.Tensor | None, batch: int, length: int, pas
     """
     total = past + length
     query_at = torch.arange(past, total, device=device)[:, None]
-    blocked = (torch.arange(total, device=device)[None, :] > query_at)[None].expand(batch, -1, -1)
+    allowed = (torch.arange(total, device=device)[None, :] <= query_at)[None].expand(batch, -1, -1)
     if segments is not None:
-        blocked = blocked | (segments[:, :, None] != segments[:, None, :])
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
     if padding_mask is not None:
         real = padding_mask[:, -total:].bool()
-        blocked = blocked | ~real[:, None, :]
+        allowed = allowed & real[:, None, :]
         if not past and not prefix:
-            blocked = blocked & real[:, :, None]
+            allowed = allowed | ~real[:, :, None]
     if prefix:
-        blocked = torch.cat((torch.zeros(batch, length, prefix, dtype=torch.bool, device=device), blocked), dim=-1)
-    return blocked[:, None]
+        allowed = torch.cat((torch.ones(batch, length, prefix, dtype=torch.bool, device=device), allowed), dim=-1)
+    return allowed[:, None]
 
 
 def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -127,7 +128,7 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, width, bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, blocked: torch.Tensor, prefix: KeyValue | None = None,
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, allowed: torch.Tensor, prefix: KeyValue | None = None,
                 past_key_values: Cache | None = None) -> torch.Tensor:
         batch, length, _ = hidden.shape
         qkv = self.query_key_value(hidden)
@@ -152,7 +153,7 @@ class SelfAttention(nn.Module):
             share = self.heads // self.groups
             key, value = key.repeat_interleave(share, dim=1), value.repeat_interleave(share, dim=1)
             scores = torch.matmul(query, key.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-            probs = F.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1).to(value.dtype)
+            probs = F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(value.dtype)
             context = torch.matmul(probs, value)
         else:
             grouped = self.groups != self.heads
@@ -164,7 +165,7 @@ class SelfAttention(nn.Module):
                 share = self.heads // self.groups
                 key, value = key.repeat_interleave(share, dim=1), value.repeat_interleave(share, dim=1)
                 grouped = False
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=~blocked, enable_gqa=grouped)
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, enable_gqa=grouped)
         context = context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
         return self.dense(context)
 
@@ -192,12 +193,12 @@ class GLMBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, blocked: torch.Tensor, prefix: KeyValue | None = None,
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, allowed: torch.Tensor, prefix: KeyValue | None = None,
                 past_key_values: Cache | None = None) -> torch.Tensor:
         post_norm_residual = self.config.apply_residual_connection_post_layernorm
         dropout = self.config.hidden_dropout
         normed = self.input_layernorm(hidden)
-        attended = self.self_attention(normed, rotary, blocked, prefix, past_key_values)
+        attended = self.self_attention(normed, rotary, allowed, prefix, past_key_values)
         hidden = (normed if post_norm_residual else hidden) + F.dropout(attended, dropout, self.training)
         normed = self.post_attention_layernorm(hidden)
         return (normed if post_norm_residual else hidden) + F.dropout(self.mlp(normed), dropout, self.training)
@@ -318,8 +319,8 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         prefix = None
         if self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, inputs_embeds.dtype, inputs_embeds.device)
-        blocked = blocked_mask(attention_mask, batch, length, past, config.pre_seq_len if prefix else 0,
-                               inputs_embeds.device, segments)
+        allowed = attend_mask(attention_mask, batch, length, past, config.pre_seq_len if prefix else 0,
+                              inputs_embeds.device, segments)
         rotary = rotary_table(config, position_ids, inputs_embeds.dtype)
 
         hidden = inputs_embeds
@@ -328,7 +329,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             layer_prefix = prefix[i] if prefix is not None else None
-            hidden = layer(hidden, rotary, blocked, layer_prefix, past_key_values=past_key_values)
+            hidden = layer(hidden, rotary, allowed, layer_prefix, past_key_values=past_key_values)
         if output_hidden_states:
             all_hidden += (hidden,)  # the official last hidden state comes before the final norm
         if self.encoder.final_layernorm is not None:
