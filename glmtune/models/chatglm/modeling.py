@@ -16,6 +16,9 @@ outputs in fixtures/golden/chatglm):
 Tensors are batch-first; the KV cache is a transformers `Cache` holding [batch, heads, seq, head_dim].
 Attention masks arrive as None (derived from the ids, as the official model does), as a 2D padding mask
 (1 = token, 0 = padding, what glmtune's collators give) or as the official 4D bool mask (True = blocked).
+That 4D mask is what the official tokenizer returns and official callers pass, so the ChatGLM-6B files (this
+one and its tokenizer) keep its convention, True = blocked; the rest of glmtune uses SDPA's and transformers'
+(True = may attend).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from glmtune.models.chatglm.configuration import ChatGLMConfig
 from glmtune.models.native import layer_prefixes, next_token_loss
@@ -38,6 +43,11 @@ from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, empty_quantized
 MASKED_SCORE = -10000.0  # the official fill value for blocked attention scores
 PREFIX_DROPOUT = 0.1  # the official dropout on the P-Tuning prefix while training
 OFFICIAL_BLOCK_LAYERS = 28  # what the residual scale is computed from, see GLMBlock
+
+CosSin = tuple[torch.Tensor, torch.Tensor]  # rotary cos and sin [batch, seq, 1, dim]
+# 2D positions: (position tables, block position tables); 1D positions: one pair
+Rotary = CosSin | tuple[CosSin, CosSin]
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's P-Tuning prefix [batch, heads, pre_seq_len, head_dim]
 
 
 # ---------------------------------------------------------------- positions and masks
@@ -144,8 +154,9 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * inner)
         self.dense = nn.Linear(inner, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, rotary, blocked: torch.Tensor, past_key_values: Cache | None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None, output_attentions: bool = False):
+    def forward(self, hidden: torch.Tensor, rotary: Rotary, blocked: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden.shape
         qkv = self.query_key_value(hidden).view(batch, length, self.num_heads, 3 * self.head_dim)
         query, key, value = qkv.split(self.head_dim, dim=-1)  # [batch, seq, heads, head_dim]
@@ -193,7 +204,10 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden), approximate="tanh"))
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(GradientCheckpointingLayer):
+    """One layer; with gradient checkpointing on, transformers recomputes its forward in the backward pass
+    (the tensors that need gradients, `hidden` and `prefix`, come positionally)."""
+
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
         super().__init__()
         # DeepNorm residual scale. The official model never passes num_layers to its blocks, so every
@@ -204,9 +218,11 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, rotary, blocked, past_key_values=None, prefix=None, output_attentions=False):
+    def forward(self, hidden: torch.Tensor, rotary: Rotary, blocked: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         normed = self.input_layernorm(hidden)
-        attended, probs = self.attention(normed, rotary, blocked, past_key_values, prefix, output_attentions)
+        attended, probs = self.attention(normed, rotary, blocked, prefix, past_key_values, output_attentions)
         hidden = normed * self.alpha + attended
         normed = self.post_attention_layernorm(hidden)
         return normed * self.alpha + self.mlp(normed), probs
@@ -257,7 +273,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    def prefix_key_values(self, batch: int, dtype: torch.dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prefix_key_values(self, batch: int, dtype: torch.dtype, device) -> list[KeyValue]:
         """Per layer (key, value) [batch, heads, pre_seq_len, head_dim] from the prefix encoder."""
         config = self.config
         tokens = torch.arange(config.pre_seq_len, device=device)[None]
@@ -265,6 +281,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         flat = self.prefix_dropout(flat)  # per sample, as the official code drops out the batch copy
         return layer_prefixes(flat, config.num_layers, config.num_attention_heads, config.head_dim)
 
+    @can_return_tuple  # honours return_dict=False (and config.return_dict) with the output's to_tuple()
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -275,16 +292,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         output_attentions = bool(output_attentions)
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        checkpointing = self.gradient_checkpointing and self.training
-        if checkpointing:
-            use_cache = False
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a recomputed layer would write its keys and values to the cache twice
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -332,11 +347,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             layer_prefix = prefix[i] if prefix is not None else None
-            if checkpointing:
-                hidden, probs = self._gradient_checkpointing_func(layer.__call__, hidden, rotary, blocked, None,
-                                                                  layer_prefix, output_attentions)
-            else:
-                hidden, probs = layer(hidden, rotary, blocked, past_key_values, layer_prefix, output_attentions)
+            hidden, probs = layer(hidden, rotary, blocked, layer_prefix, past_key_values=past_key_values,
+                                  output_attentions=output_attentions)
             if output_attentions:
                 all_attentions += (probs,)
         hidden = self.final_layernorm(hidden)
@@ -373,6 +385,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.transformer
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -384,14 +397,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                    use_cache=use_cache, output_attentions=output_attentions,
-                                   output_hidden_states=output_hidden_states)
+                                   output_hidden_states=output_hidden_states, return_dict=True)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

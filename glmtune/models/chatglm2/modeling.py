@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from glmtune.models.chatglm2.configuration import ChatGLM2Config
 from glmtune.models.native import layer_prefixes, next_token_loss
@@ -32,10 +34,13 @@ from glmtune.models.quantization import CHATGLM_QUANTIZED_NAMES, empty_quantized
 
 PREFIX_DROPOUT = 0.1  # the official dropout on the P-Tuning prefix while training
 
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's P-Tuning prefix [batch, groups, pre_seq_len, head_dim]
 
-def blocked_mask(padding_mask: torch.Tensor | None, batch: int, length: int, past: int, prefix: int,
-                 device, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """[batch, 1, length, prefix + past + length] bool, True where attention is blocked.
+
+def attend_mask(padding_mask: torch.Tensor | None, batch: int, length: int, past: int, prefix: int,
+                device, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, 1, length, prefix + past + length] bool, True where a query may attend (SDPA's and
+    transformers' convention).
 
     Causal over the cache and the new tokens, padding columns blocked, the prefix always visible. With
     neither cache nor prefix, padding rows are left fully open, as the official code does (their outputs
@@ -44,17 +49,17 @@ def blocked_mask(padding_mask: torch.Tensor | None, batch: int, length: int, pas
     """
     total = past + length
     query_at = torch.arange(past, total, device=device)[:, None]
-    blocked = (torch.arange(total, device=device)[None, :] > query_at)[None].expand(batch, -1, -1)
+    allowed = (torch.arange(total, device=device)[None, :] <= query_at)[None].expand(batch, -1, -1)
     if segments is not None:
-        blocked = blocked | (segments[:, :, None] != segments[:, None, :])
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
     if padding_mask is not None:
         real = padding_mask[:, -total:].bool()
-        blocked = blocked | ~real[:, None, :]
+        allowed = allowed & real[:, None, :]
         if not past and not prefix:
-            blocked = blocked & real[:, :, None]
+            allowed = allowed | ~real[:, :, None]
     if prefix:
-        blocked = torch.cat((torch.zeros(batch, length, prefix, dtype=torch.bool, device=device), blocked), dim=-1)
-    return blocked[:, None]
+        allowed = torch.cat((torch.ones(batch, length, prefix, dtype=torch.bool, device=device), allowed), dim=-1)
+    return allowed[:, None]
 
 
 def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -123,7 +128,8 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, width, bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, hidden, rotary, blocked, past_key_values: Cache | None, prefix):
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, allowed: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None) -> torch.Tensor:
         batch, length, _ = hidden.shape
         qkv = self.query_key_value(hidden)
         if self.config.multi_query_attention:  # [all queries | group keys | group values]
@@ -147,7 +153,7 @@ class SelfAttention(nn.Module):
             share = self.heads // self.groups
             key, value = key.repeat_interleave(share, dim=1), value.repeat_interleave(share, dim=1)
             scores = torch.matmul(query, key.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-            probs = F.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1).to(value.dtype)
+            probs = F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(value.dtype)
             context = torch.matmul(probs, value)
         else:
             grouped = self.groups != self.heads
@@ -159,7 +165,7 @@ class SelfAttention(nn.Module):
                 share = self.heads // self.groups
                 key, value = key.repeat_interleave(share, dim=1), value.repeat_interleave(share, dim=1)
                 grouped = False
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=~blocked, enable_gqa=grouped)
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, enable_gqa=grouped)
         context = context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
         return self.dense(context)
 
@@ -175,7 +181,10 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(GradientCheckpointingLayer):
+    """One layer; with gradient checkpointing on, transformers recomputes its forward in the backward pass
+    (the tensors that need gradients, `hidden` and `prefix`, come positionally)."""
+
     def __init__(self, config: ChatGLM2Config, layer_idx: int):
         super().__init__()
         self.config = config
@@ -184,26 +193,32 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, rotary, blocked, past_key_values=None, prefix=None):
+    def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, allowed: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None) -> torch.Tensor:
         post_norm_residual = self.config.apply_residual_connection_post_layernorm
         dropout = self.config.hidden_dropout
         normed = self.input_layernorm(hidden)
-        attended = self.self_attention(normed, rotary, blocked, past_key_values, prefix)
+        attended = self.self_attention(normed, rotary, allowed, prefix, past_key_values)
         hidden = (normed if post_norm_residual else hidden) + F.dropout(attended, dropout, self.training)
         normed = self.post_attention_layernorm(hidden)
         return (normed if post_norm_residual else hidden) + F.dropout(self.mlp(normed), dropout, self.training)
 
 
 class Embedding(nn.Module):
+    """Exists only so the weights keep the official checkpoint name `transformer.embedding.word_embeddings`."""
+
     def __init__(self, config: ChatGLM2Config):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
 
 
 class GLMTransformer(nn.Module):
+    """Exists only so the weights keep the official checkpoint names `transformer.encoder.layers.*` and
+    `transformer.encoder.final_layernorm`; ChatGLM2Model.forward runs the layers."""
+
     def __init__(self, config: ChatGLM2Config):
         super().__init__()
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
@@ -230,6 +245,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         super().__init__(config)
         self.embedding = Embedding(config)
         self.encoder = GLMTransformer(config)
+        # the LM head, inside the base model as in the official checkpoints (`transformer.output_layer`)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.prefix_encoder = None
@@ -255,13 +271,14 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
 
-    def prefix_key_values(self, batch: int, dtype: torch.dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prefix_key_values(self, batch: int, dtype: torch.dtype, device) -> list[KeyValue]:
         """Per layer (key, value) [batch, groups, pre_seq_len, head_dim] from the prefix encoder."""
         config = self.config
         tokens = torch.arange(config.pre_seq_len, device=device)[None]
         flat = self.prefix_dropout(self.prefix_encoder(tokens).to(dtype).expand(batch, -1, -1))
         return layer_prefixes(flat, config.num_layers, config.kv_groups, config.kv_channels)
 
+    @can_return_tuple  # honours return_dict=False (and config.return_dict) with the output's to_tuple()
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -271,15 +288,13 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        checkpointing = self.gradient_checkpointing and self.training
-        if checkpointing:
-            use_cache = False
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a recomputed layer would write its keys and values to the cache twice
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -304,8 +319,8 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         prefix = None
         if self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, inputs_embeds.dtype, inputs_embeds.device)
-        blocked = blocked_mask(attention_mask, batch, length, past, config.pre_seq_len if prefix else 0,
-                               inputs_embeds.device, segments)
+        allowed = attend_mask(attention_mask, batch, length, past, config.pre_seq_len if prefix else 0,
+                              inputs_embeds.device, segments)
         rotary = rotary_table(config, position_ids, inputs_embeds.dtype)
 
         hidden = inputs_embeds
@@ -314,10 +329,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             layer_prefix = prefix[i] if prefix is not None else None
-            if checkpointing:
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, rotary, blocked, None, layer_prefix)
-            else:
-                hidden = layer(hidden, rotary, blocked, past_key_values, layer_prefix)
+            hidden = layer(hidden, rotary, allowed, layer_prefix, past_key_values=past_key_values)
         if output_hidden_states:
             all_hidden += (hidden,)  # the official last hidden state comes before the final norm
         if self.encoder.final_layernorm is not None:
@@ -350,6 +362,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
     def get_decoder(self):
         return self.transformer
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -360,13 +373,13 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                   use_cache=use_cache, output_hidden_states=output_hidden_states)
+                                   use_cache=use_cache, output_hidden_states=output_hidden_states,
+                                   return_dict=True)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
