@@ -15,9 +15,10 @@ import warnings
 from pathlib import Path
 
 from glmtune import __version__
-from glmtune.config import (DEFAULT_MODEL, TEMPLATE_CHOICES, TrainConfig, add_arguments, add_generation_arguments,
-                            config_from_args, generation_from_args, number_type)
+from glmtune.config import (DEFAULT_MODEL, TrainConfig, add_arguments, add_generation_arguments, config_from_args,
+                            generation_from_args, number_type)
 from glmtune.errors import GlmtuneError
+from glmtune.families import TEMPLATE_NAMES
 
 log = logging.getLogger("glmtune")
 
@@ -31,7 +32,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None,
                         help="adapter folder written by glmtune train (OUT/adapter or OUT/best), or a plain peft LoRA "
                              "folder (adapter_config.json + adapter_model.*; name its base with --model)")
-    parser.add_argument("--template", default=None, choices=TEMPLATE_CHOICES,
+    parser.add_argument("--template", default=None, choices=TEMPLATE_NAMES,
                         help="prompt format (default: the adapter's, else auto)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                         help="weight dtype (default: auto: float32 on CPU, bfloat16/float16 on GPU)")
@@ -318,7 +319,7 @@ def _add_data(commands) -> None:
                                      help="token lengths and what length limits would cut")
     stats.add_argument("file")
     stats.add_argument("--model", default=DEFAULT_MODEL, help=f"whose tokenizer counts (default: {DEFAULT_MODEL})")
-    stats.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES, help="prompt format (default: auto)")
+    stats.add_argument("--template", default="auto", choices=TEMPLATE_NAMES, help="prompt format (default: auto)")
     stats.add_argument("--max-source-length", type=_positive_int, default=None)
     stats.add_argument("--max-target-length", type=_positive_int, default=None)
     stats.add_argument("--cutoff-len", type=_positive_int, default=None)

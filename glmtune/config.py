@@ -21,12 +21,12 @@ from typing import Any
 import yaml
 
 from glmtune.errors import GlmtuneError, one_line, shown
+from glmtune.families import TEMPLATE_NAMES
 from glmtune.files import MAX_NESTING, NestingError, loads, read_text
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-TEMPLATE_CHOICES = ("auto", "chat", "plain", "chatglm", "chatglm2", "chatglm3", "glm4")
 DEFAULT_LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "ptuning": 2e-2}
 # metric_for_best: eval loss (lower is better) or a generated-answer metric (higher is better)
 BEST_METRICS = ("eval_loss", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "extraction_f1",
@@ -55,7 +55,7 @@ class ModelOptions:
                            "and the ChatGLM families' own: chatglm ([Round i] history, answer after [gMASK] <sop>), "
                            "chatglm2 ([Round i] from 1), chatglm3 (role tokens), and glm4 (GLM-4's role tokens, "
                            "for a GLM-4 tokenizer without a chat template).",
-                           choices=TEMPLATE_CHOICES)
+                           choices=TEMPLATE_NAMES)
     dtype: str = option("auto", "Weight dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it, else float16.",
                         choices=("auto", "float32", "float16", "bfloat16"))
     quantization_bit: int | None = option(None, "Quantize the frozen base to 8 or 4 bits; 0 keeps full weights; "

@@ -41,6 +41,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("generic", False, None, None, None, (), "bitsandbytes", PACK_TRANSFORMERS),
 )}
 
+# every name `template:` accepts: auto, the tokenizer's chat template, plain text, and each family's own layout
+TEMPLATE_NAMES = ("auto", "chat", "plain") + tuple(dict.fromkeys(
+    name for f in FAMILIES.values() for name in (f.template, f.fallback_template) if name))
 NATIVE_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.native)  # ("chatglm", "chatglm2", "chatglm3")
 # config.json's model_type of every native family; detect_family refuses a chatglm config it cannot place, so a
 # loaded model with this type is native

@@ -61,12 +61,13 @@ def test_token_layout_matches_the_official_tokenizer_padding(golden):
 
     config = ChatGLMConfig.from_pretrained(GOLDEN)
     ids = golden["infer.input_ids"]
-    positions, blocked = token_layout(ids, config, (ids != config.pad_token_id).long())
+    # the official mask is True where attention is blocked: the inverse of token_layout's
+    positions, allowed = token_layout(ids, config, (ids != config.pad_token_id).long())
     assert torch.equal(positions, golden["infer.position_ids"])
-    assert torch.equal(blocked, golden["infer.attention_mask"])
-    positions, blocked = token_layout(golden["infill.input_ids"], config, torch.ones_like(golden["infill.input_ids"]))
+    assert torch.equal(~allowed, golden["infer.attention_mask"])
+    positions, allowed = token_layout(golden["infill.input_ids"], config, torch.ones_like(golden["infill.input_ids"]))
     assert torch.equal(positions, golden["infill.position_ids"])
-    assert torch.equal(blocked, golden["infill.attention_mask"])
+    assert torch.equal(~allowed, golden["infill.attention_mask"])
 
 
 @needs_golden

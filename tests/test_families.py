@@ -59,7 +59,7 @@ def test_chatglm_families_are_detected_and_a_missing_vocabulary_is_named(tmp_pat
 
 def test_the_family_table_is_the_one_place_that_names_families():
     from glmtune.data.templates import FAMILY_TEMPLATES
-    from glmtune.families import FAMILIES, NATIVE_FAMILIES, family_facts
+    from glmtune.families import FAMILIES, NATIVE_FAMILIES, TEMPLATE_NAMES, family_facts
     from glmtune.models.kbit import Quantization
 
     assert NATIVE_FAMILIES == ("chatglm", "chatglm2", "chatglm3")
@@ -68,5 +68,7 @@ def test_the_family_table_is_the_one_place_that_names_families():
         for name in (facts.template, facts.fallback_template):
             assert name is None or name in FAMILY_TEMPLATES
         assert Quantization(bits=4).for_family(facts.name).backend == facts.quantization_backend
+    # the names --template and `template:` accept come from the table: every family layout, nothing else
+    assert set(TEMPLATE_NAMES) == {"auto", "chat", "plain"} | set(FAMILY_TEMPLATES)
     with pytest.raises(GlmtuneError, match="own int layout"):
         Quantization(bits=4, backend="chatglm").for_family("glm4")

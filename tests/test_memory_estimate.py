@@ -72,8 +72,7 @@ def train_step_peak(model_dir: Path, method: str, *, batch: int, length: int, an
     labelled = int((labels[:, 1:] != -100).sum())
     estimate = estimate_training_memory(
         model, batch_size=batch, seq_len=length, labelled=labelled, dtype=torch.float32,
-        quantization=loaded.quantization, gradient_checkpointing=checkpointing, all_logits=all_logits,
-        device="cpu")
+        quantization=loaded.quantization, gradient_checkpointing=checkpointing, all_logits=all_logits)
     return Step(memory.peak, estimate)
 
 
@@ -155,7 +154,7 @@ def test_weights_are_counted_from_the_dtype_and_the_quantization(tiny_family_dir
         asked = Quantization(bits=bits, backend="chatglm") if bits else Quantization()
         for model in (real_model, meta):
             estimate = estimate_training_memory(model, batch_size=1, seq_len=8, labelled=1, dtype=torch.float32,
-                                                quantization=asked, gradient_checkpointing=False, device="cpu")
+                                                quantization=asked, gradient_checkpointing=False)
             assert estimate.parts["weights"] == storage_bytes(real_model) - trained, (bits, model is meta)
     half = estimate_training_memory(meta, batch_size=1, seq_len=8, labelled=1, dtype=torch.bfloat16,
                                     quantization=Quantization(), gradient_checkpointing=False)

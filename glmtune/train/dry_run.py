@@ -198,7 +198,7 @@ def _memory(cfg: TrainConfig, model, features: list[dict], quantization: Quantiz
         return estimate_training_memory(
             model, batch_size=cfg.batch_size, seq_len=cutoff, labelled=cfg.batch_size * answer, dtype=compute,
             weights_dtype=weights, quantization=quantization, gradient_checkpointing=cfg.gradient_checkpointing,
-            optim=cfg.optim, device="cuda", masked=cfg.batch_size > 1 or cfg.packing)
+            optim=cfg.optim, masked=cfg.batch_size > 1 or cfg.packing)
     except (AttributeError, TypeError, ValueError) as e:  # an architecture whose config the estimate cannot read
         log.warning("no memory estimate for this model: %s", one_line(e))
         return None

@@ -25,8 +25,8 @@ vocabulary.
       heads, or all heads where transformers repeats them for a masked call), an fp32 log-sum-exp per
       head; where a mask is passed (padding, a prefix, ChatGLM's own masks), the kernel saves it as
       B * S * (S + P) elements of b. Flash and memory-efficient attention (CUDA) and PyTorch's CPU kernel
-      keep no S x S matrix. On CUDA, ChatGLM2/3 repeat their grouped keys and values to every head before
-      attention (the fused kernels that take grouped keys take no mask), so all heads are saved there;
+      keep no S x S matrix. ChatGLM's models always pass a mask, so transformers repeats ChatGLM2/3's
+      grouped keys and values to every head (on CUDA the fused kernels that take grouped keys take no mask);
       eager attention (a model loaded with attn_implementation eager) keeps the probabilities in fp32 and
       in the compute dtype;
     MLP: gated (SwiGLU): the gate/up projection's output (2I) and the activation's output (I); GELU: its
@@ -50,8 +50,8 @@ vocabulary.
 
 What this does not count: the CUDA caching allocator's rounding and fragmentation (reserved memory is
 higher than allocated), the CUDA context and cuBLAS/cuDNN workspaces (outside max_memory_allocated),
-evaluation and generation during training, and DeepSpeed/FSDP sharding. On `device="cpu"` the same terms
-are computed for the dtype given (fp32 there); tests/test_memory_estimate.py checks them against the
+evaluation and generation during training, and DeepSpeed/FSDP sharding. The terms are the same on every
+device for the dtype given (fp32 on CPU); tests/test_memory_estimate.py checks them against the
 peak allocated bytes of real CPU training steps (glmtune.bench.measure.ProfiledMemory, the allocator's own events).
 """
 
@@ -283,7 +283,7 @@ def _prefix_length(model) -> int:
 def estimate_training_memory(model, *, batch_size: int, seq_len: int, labelled: int, dtype: torch.dtype,
                              quantization: Quantization | None = None, gradient_checkpointing: bool = False,
                              all_logits: bool = False, pre_seq_len: int = 0, optim: str = "adamw_torch_fused",
-                             device: str = "cuda", masked: bool = True, family: str | None = None,
+                             masked: bool = True, family: str | None = None,
                              weights_dtype: torch.dtype | None = None) -> MemoryEstimate:
     """Predict the peak memory of one training step (see the module docstring for every term).
 
@@ -310,10 +310,9 @@ def estimate_training_memory(model, *, batch_size: int, seq_len: int, labelled: 
     h, d = shape.hidden, shape.head_dim
     native = shape.kind != "transformers"
     masked = masked or native or P > 0
-    on_cuda = device.startswith("cuda")
-    # attention as the kernel sees it: transformers repeats key/value heads when it passes a mask, and
-    # ChatGLM2/3 on CUDA always (see glmtune.models.chatglm2.modeling.SelfAttention)
-    repeated = (not native and masked) or (on_cuda and shape.kind == "chatglm2")
+    # attention as the kernel sees it: transformers' sdpa repeats key/value heads when a mask is passed
+    # (the native ChatGLM models always pass one)
+    repeated = masked
     kv = shape.heads if repeated else shape.kv_heads
     eager = getattr(_base(model).config, "_attn_implementation", None) == "eager"
     norm_bytes = 4 if shape.upcast_norm else b

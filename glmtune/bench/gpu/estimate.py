@@ -23,7 +23,7 @@ def predict_for_run(model, cfg, rows: int, length: int, labelled: int, device: s
         model, batch_size=rows, seq_len=length, labelled=labelled, dtype=resolve_dtype(cfg.dtype, device),
         quantization=requested_quantization(cfg), gradient_checkpointing=cfg.gradient_checkpointing,
         all_logits=all_logits, pre_seq_len=cfg.pre_seq_len if cfg.method == "ptuning" else 0, optim=cfg.optim,
-        device=device.split(":")[0], masked=rows > 1 or cfg.packing)  # as the dry run decides it
+        masked=rows > 1 or cfg.packing)  # as the dry run decides it
     return {"bytes": estimate.total, "parts": estimate.parts, "line": estimate.describe()}
 
 

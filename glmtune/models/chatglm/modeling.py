@@ -14,11 +14,13 @@ outputs in fixtures/golden/chatglm):
   the KV cache only ever holds real tokens.
 
 Tensors are batch-first; the KV cache is a transformers `Cache` holding [batch, heads, seq, head_dim].
-Attention masks arrive as None (derived from the ids, as the official model does), as a 2D padding mask
-(1 = token, 0 = padding, what glmtune's collators give) or as the official 4D bool mask (True = blocked).
-That 4D mask is what the official tokenizer returns and official callers pass, so the ChatGLM-6B files (this
-one and its tokenizer) keep its convention, True = blocked; the rest of glmtune uses SDPA's and transformers'
-(True = may attend).
+Masks inside this file, as everywhere in glmtune, are bool with True where a query may attend (SDPA's and
+transformers' convention). The model takes its mask as
+- nothing: derived from the ids, as the official model does;
+- `attention_mask` 2D: a padding mask (1 = token, 0 = padding), what glmtune's collators give;
+- `attention_mask` 4D bool: the official tokenizer's mask, True = blocked. That is what the official
+  tokenizer returns and official callers pass, so it is accepted as it is and inverted once on the way in;
+- `attend_mask` 4D bool, True = may attend: what glmtune's own packing and generation pass.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 
 from glmtune.models.chatglm.configuration import ChatGLMConfig
@@ -54,11 +57,13 @@ KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's P-Tuning prefix [bat
 
 def token_layout(input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None,
                  prefer_mask: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position_ids [batch, 2, seq] ([batch, seq] for 1D positions), blocked [batch, 1, seq, seq]).
+    """(position_ids [batch, 2, seq] ([batch, seq] for 1D positions), allowed [batch, 1, seq, seq], True
+    where a query may attend).
 
     Without a padding mask every token counts, as in the official model's own fallback, which looks for
     `[gMASK]` first. With one, padding tokens get position 0 and are blocked both ways, and `[MASK]` is
-    looked for first: what the official tokenizer builds, and so what official generation sees.
+    looked for first: what the official tokenizer builds (its mask is the inverse of `allowed`), and so
+    what official generation sees.
     `prefer_mask` overrides which mask token is looked for first.
     """
     batch, length = input_ids.shape
@@ -95,7 +100,7 @@ def token_layout(input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: t
     causal = index[None, :, None] >= index[None, None, :]  # [1, query, key]
     in_context = index[None, None, :] < context[:, None, None]  # [batch, 1, key]
     allowed = (causal | in_context) & real[:, None, :] & real[:, :, None]
-    return position_ids, ~allowed[:, None]
+    return position_ids, allowed[:, None]
 
 
 def packed_layout(config: ChatGLMConfig):
@@ -107,18 +112,17 @@ def packed_layout(config: ChatGLMConfig):
         batch, length = input_ids.shape
         shape = (batch, 2, length) if config.position_encoding_2d else (batch, length)
         positions = torch.zeros(shape, dtype=torch.long)
-        blocked = torch.ones(batch, 1, length, length, dtype=torch.bool)
+        allowed = torch.zeros(batch, 1, length, length, dtype=torch.bool)
         for row, row_lengths in enumerate(lengths):
             start = 0
             for n in row_lengths:
                 ids = input_ids[row:row + 1, start:start + n]
-                sample_positions, sample_blocked = token_layout(ids, config, torch.ones_like(ids))
+                sample_positions, sample_allowed = token_layout(ids, config, torch.ones_like(ids))
                 positions[row, ..., start:start + n] = sample_positions[0]
-                blocked[row, :, start:start + n, start:start + n] = sample_blocked[0]
+                allowed[row, :, start:start + n, start:start + n] = sample_allowed[0]
                 start += n
-            tail = torch.ones(length - start, length - start, dtype=torch.bool).triu(1)
-            blocked[row, 0, start:, start:] = tail
-        return {"position_ids": positions, "attention_mask": blocked}
+            allowed[row, 0, start:, start:] = torch.ones(length - start, length - start, dtype=torch.bool).tril()
+        return {"position_ids": positions, "attend_mask": allowed}
 
     return layout
 
@@ -142,20 +146,56 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out with the official arithmetic: the query is also scaled down by (layer + 1) and
+    the scores back up in fp32, which keeps fp16 scores in range; blocked scores become -10000.
+    `attention_mask` is bool (True = may attend) or additive."""
+    coeff = float(module.layer_idx + 1)
+    scores = torch.matmul(query * (scaling / coeff), key.transpose(-1, -2))
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, MASKED_SCORE)
+    elif attention_mask is not None:
+        scores = scores + attention_mask / coeff
+    probs = F.dropout(F.softmax(scores.float() * coeff, dim=-1), dropout, module.training).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def attention_function(config: ChatGLMConfig, output_attentions: bool = False):
+    """The attention the layers call: written out for eager (and whenever the probabilities are asked for),
+    else the function transformers registers under `config._attn_implementation` (sdpa by default, or any
+    function registered with transformers.AttentionInterface)."""
+    if output_attentions:
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a bool mask with the official fill: 0 where a query may attend, -10000 where
+    not (the official SDPA path's; a fully blocked padding row then gives numbers, not NaN)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, MASKED_SCORE)
+
+
 class SelfAttention(nn.Module):
+    """Query, key and value projection and 2D rotary embedding; the attention itself is attention_function's."""
+
+    is_causal = False  # what transformers' attention functions read: ChatGLM-6B's context attends both ways
+
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.scaling = self.head_dim ** -0.5
         inner = self.num_heads * self.head_dim
         # Per head the output holds [query | key | value] side by side (the official strided layout).
         self.query_key_value = nn.Linear(config.hidden_size, 3 * inner)
         self.dense = nn.Linear(inner, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, rotary: Rotary, blocked: torch.Tensor, prefix: KeyValue | None = None,
-                past_key_values: Cache | None = None, output_attentions: bool = False
+    def forward(self, hidden: torch.Tensor, rotary: Rotary, mask: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None, output_attentions: bool = False, **kwargs
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden.shape
         qkv = self.query_key_value(hidden).view(batch, length, self.num_heads, 3 * self.head_dim)
@@ -177,21 +217,10 @@ class SelfAttention(nn.Module):
             key = torch.cat((prefix[0], key), dim=2)
             value = torch.cat((prefix[1], value), dim=2)
 
-        probs = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            # The official arithmetic: scale the query down by (layer + 1) and the scores back up in fp32,
-            # which keeps fp16 scores in range.
-            coeff = float(self.layer_idx + 1)
-            scores = torch.matmul(query / (math.sqrt(self.head_dim) * coeff), key.transpose(-1, -2))
-            scores = scores.masked_fill(blocked, MASKED_SCORE)
-            probs = F.softmax(scores.float() * coeff, dim=-1).to(value.dtype)
-            context = torch.matmul(probs, value)
-        else:
-            bias = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device).masked_fill(blocked, MASKED_SCORE)
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
-                                                     scale=1.0 / math.sqrt(self.head_dim))
-        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.dense(context), probs
+        attention = attention_function(self.config, output_attentions)
+        context, probs = attention(self, query, key, value, mask, scaling=self.scaling, **kwargs)
+        context = context.reshape(batch, length, self.num_heads * self.head_dim)
+        return self.dense(context), probs if output_attentions else None
 
 
 class MLP(nn.Module):
@@ -218,11 +247,11 @@ class GLMBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor, rotary: Rotary, blocked: torch.Tensor, prefix: KeyValue | None = None,
-                past_key_values: Cache | None = None, output_attentions: bool = False
+    def forward(self, hidden: torch.Tensor, rotary: Rotary, mask: torch.Tensor, prefix: KeyValue | None = None,
+                past_key_values: Cache | None = None, output_attentions: bool = False, **kwargs
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         normed = self.input_layernorm(hidden)
-        attended, probs = self.attention(normed, rotary, blocked, prefix, past_key_values, output_attentions)
+        attended, probs = self.attention(normed, rotary, mask, prefix, past_key_values, output_attentions, **kwargs)
         hidden = normed * self.alpha + attended
         normed = self.post_attention_layernorm(hidden)
         return normed * self.alpha + self.mlp(normed), probs
@@ -239,6 +268,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    _supports_attention_backend = True  # attention goes through transformers' AttentionInterface
     # Official checkpoints carry the rotary inverse frequencies; they are recomputed, never loaded.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
@@ -292,8 +322,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        attend_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`attention_mask`: a 2D padding mask or the official 4D bool mask (True = blocked); `attend_mask`:
+        a 4D bool mask with True = may attend, used instead of a 4D `attention_mask`. Remaining keyword
+        arguments go to the attention function."""
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         output_attentions = bool(output_attentions)
@@ -311,27 +345,35 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             past_key_values = None
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
 
-        four_d = attention_mask is not None and attention_mask.dim() == 4
-        if four_d and attention_mask.dtype != torch.bool:
-            raise ValueError("a 4D attention_mask must be bool with True where attention is blocked "
-                             "(the official ChatGLM-6B convention)")
-        if position_ids is None or not four_d:
+        padding = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.dtype != torch.bool:
+                raise ValueError("a 4D attention_mask must be bool with True where attention is blocked "
+                                 "(the official ChatGLM-6B convention); pass attend_mask for True = may attend")
+            padding = None
+            if attend_mask is None:
+                attend_mask = ~attention_mask  # the official convention, inverted once here
+        if attend_mask is not None and (attend_mask.dim() != 4 or attend_mask.dtype != torch.bool):
+            raise ValueError("attend_mask must be 4D bool [batch, 1, query, key], True where a query may attend")
+        if position_ids is None or attend_mask is None:
             if input_ids is None or past:
                 raise ValueError("without input_ids, or when continuing from a cache, pass position_ids "
-                                 "[batch, 2, seq] and the 4D bool attention_mask (generate() does this)")
-            derived_positions, derived_blocked = token_layout(input_ids, config, attention_mask)
+                                 "[batch, 2, seq] and a 4D mask (generate() does this)")
+            derived_positions, derived_allowed = token_layout(input_ids, config, padding)
             position_ids = derived_positions if position_ids is None else position_ids
-            blocked = attention_mask if four_d else derived_blocked
-        else:
-            blocked = attention_mask
-        blocked = blocked.to(inputs_embeds.device)
+            attend_mask = derived_allowed if attend_mask is None else attend_mask
+        allowed = attend_mask.to(inputs_embeds.device)
 
         prefix = None
         if self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, inputs_embeds.dtype, inputs_embeds.device)
             # Every query sees the whole prefix.
-            visible = torch.zeros(batch, 1, length, config.pre_seq_len, dtype=torch.bool, device=blocked.device)
-            blocked = torch.cat((visible, blocked.expand(batch, -1, -1, -1)), dim=-1)
+            visible = torch.ones(batch, 1, length, config.pre_seq_len, dtype=torch.bool, device=allowed.device)
+            allowed = torch.cat((visible, allowed.expand(batch, -1, -1, -1)), dim=-1)
+        # Built once for all layers: eager takes the bool mask, every other attention function the official
+        # additive one.
+        eager = attention_function(config, output_attentions) is eager_attention_forward
+        mask = allowed if eager else attention_bias(allowed, inputs_embeds.dtype)
 
         half = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
         if config.position_encoding_2d:
@@ -347,8 +389,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             layer_prefix = prefix[i] if prefix is not None else None
-            hidden, probs = layer(hidden, rotary, blocked, layer_prefix, past_key_values=past_key_values,
-                                  output_attentions=output_attentions)
+            hidden, probs = layer(hidden, rotary, mask, layer_prefix, past_key_values=past_key_values,
+                                  output_attentions=output_attentions, **kwargs)
             if output_attentions:
                 all_attentions += (probs,)
         hidden = self.final_layernorm(hidden)
@@ -398,12 +440,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        attend_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                    use_cache=use_cache, output_attentions=output_attentions,
-                                   output_hidden_states=output_hidden_states, return_dict=True)
+                                   output_hidden_states=output_hidden_states, attend_mask=attend_mask,
+                                   return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -416,9 +460,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, attention_mask=None, **kwargs):
         """transformers' generate, also accepting the official tokenizer's 4D bool mask (True = blocked),
-        which generate itself refuses; it travels under its own name and grows the official way."""
+        which generate itself refuses; it travels inverted, as `attend_mask`, and grows the official way."""
         if attention_mask is not None and attention_mask.dim() == 4:
-            kwargs["official_attention_mask"] = attention_mask
+            kwargs["attend_mask"] = ~attention_mask.bool()
             attention_mask = None
         return super().generate(*args, attention_mask=attention_mask, **kwargs)
 
@@ -429,26 +473,26 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       position_ids=None, inputs_embeds=None, use_cache=None,
-                                      official_attention_mask=None, **kwargs):
+                                      attend_mask=None, **kwargs):
         """Feed only the tokens the cache has not seen, with their rows of the mask and their positions.
 
         The layout is derived from the whole sequence so far (ids plus the 2D padding mask that generate
-        extends), unless the caller passed the official 4D mask and position ids, which
+        extends), unless the caller passed a 4D mask and position ids, which
         `_update_model_kwargs_for_generation` extends the official way.
         """
         done = past_key_values.get_seq_length() if past_key_values is not None else 0
-        blocked = official_attention_mask
-        if position_ids is None or blocked is None:
-            padding = attention_mask if blocked is None else None
+        allowed = attend_mask
+        if position_ids is None or allowed is None:
+            padding = attention_mask if allowed is None else None
             # Generation follows the official tokenizer's layout ([MASK] first), also when transformers
             # dropped an all-ones padding mask.
-            derived_positions, derived_blocked = token_layout(input_ids, self.config, padding, prefer_mask=True)
+            derived_positions, derived_allowed = token_layout(input_ids, self.config, padding, prefer_mask=True)
             position_ids = derived_positions if position_ids is None else position_ids
-            blocked = derived_blocked if blocked is None else blocked
+            allowed = derived_allowed if allowed is None else allowed
         inputs = {
             "input_ids": input_ids[:, done:],
             "position_ids": position_ids[..., done:],
-            "attention_mask": blocked[:, :, done:, :],
+            "attend_mask": allowed[:, :, done:, :],
             "past_key_values": past_key_values,
             "use_cache": use_cache,
         }
@@ -461,7 +505,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         # Official layouts grow their own way: a new answer token keeps the mask position and takes the
         # next block position; its mask row sees everything its predecessor saw, plus itself.
         position_ids = model_kwargs.pop("position_ids", None)
-        mask = model_kwargs.pop("official_attention_mask", None)
+        mask = model_kwargs.pop("attend_mask", None)
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
                                                                    num_new_tokens)
         for _ in range(num_new_tokens):
@@ -473,14 +517,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                     step += 1
                 position_ids = torch.cat((position_ids, step), dim=-1)
             if mask is not None:
-                mask = torch.cat((mask, mask.new_ones(*mask.shape[:3], 1)), dim=3)
+                mask = torch.cat((mask, mask.new_zeros(*mask.shape[:3], 1)), dim=3)
                 row = mask[:, :, -1:].clone()
-                row[..., -1] = False
+                row[..., -1] = True
                 mask = torch.cat((mask, row), dim=2)
         if position_ids is not None:
             model_kwargs["position_ids"] = position_ids
         if mask is not None:
-            model_kwargs["official_attention_mask"] = mask
+            model_kwargs["attend_mask"] = mask
         return model_kwargs
 
     # ------------------------------------------------------------ the official convenience API

@@ -16,8 +16,6 @@ Tensors are batch-first; the KV cache is a transformers `Cache` holding [batch, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +23,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 
 from glmtune.models.chatglm2.configuration import ChatGLM2Config
@@ -118,18 +117,43 @@ def norm(config: ChatGLM2Config) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
 
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, as the official code computes it: scores and softmax in fp32. Grouped keys
+    and values are repeated to every query head; `attention_mask` is bool, True = may attend."""
+    share = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(share, dim=1), value.repeat_interleave(share, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    probs = F.dropout(F.softmax(scores, dim=-1), dropout, module.training).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
 class SelfAttention(nn.Module):
+    """Query, key and value projection and rotary embedding; the attention itself is the function
+    transformers registers for `config._attn_implementation` (sdpa by default, eager above, or any function
+    registered with transformers.AttentionInterface), called with a bool mask, True = may attend."""
+
+    is_causal = True  # what transformers' attention functions read; the mask passed is always explicit
+
     def __init__(self, config: ChatGLM2Config, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.heads, self.groups, self.head_dim = config.num_attention_heads, config.kv_groups, config.kv_channels
+        # transformers' sdpa repeats grouped keys and values to every head when a mask is passed (on CUDA the
+        # fused kernels that take grouped keys take no mask, and the math kernel would keep every layer's fp32
+        # probabilities for the backward pass), and shares them when decoding one token
+        self.num_key_value_groups = self.heads // self.groups
+        self.scaling = self.head_dim ** -0.5
         width = self.heads * self.head_dim + 2 * self.groups * self.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, width, bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, allowed: torch.Tensor, prefix: KeyValue | None = None,
-                past_key_values: Cache | None = None) -> torch.Tensor:
+                past_key_values: Cache | None = None, **kwargs) -> torch.Tensor:
         batch, length, _ = hidden.shape
         qkv = self.query_key_value(hidden)
         if self.config.multi_query_attention:  # [all queries | group keys | group values]
@@ -149,25 +173,10 @@ class SelfAttention(nn.Module):
             key = torch.cat((prefix[0], key), dim=2)
             value = torch.cat((prefix[1], value), dim=2)
 
-        if self.config._attn_implementation == "eager":
-            share = self.heads // self.groups
-            key, value = key.repeat_interleave(share, dim=1), value.repeat_interleave(share, dim=1)
-            scores = torch.matmul(query, key.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-            probs = F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(value.dtype)
-            context = torch.matmul(probs, value)
-        else:
-            grouped = self.groups != self.heads
-            if grouped and query.is_cuda:
-                # On CUDA only the flash and math kernels take grouped keys (enable_gqa), and flash takes no
-                # mask: the math kernel would keep fp32 attention probabilities of every layer for the
-                # backward pass (8 GB for ChatGLM3-6B at batch 4 x 768). Keys and values repeated to every
-                # head take the memory-efficient kernel, which takes the mask.
-                share = self.heads // self.groups
-                key, value = key.repeat_interleave(share, dim=1), value.repeat_interleave(share, dim=1)
-                grouped = False
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, enable_gqa=grouped)
-        context = context.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
-        return self.dense(context)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        context, _ = attention(self, query, key, value, allowed, scaling=self.scaling, dropout=dropout, **kwargs)
+        return self.dense(context.reshape(batch, length, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -194,11 +203,11 @@ class GLMBlock(GradientCheckpointingLayer):
         self.mlp = MLP(config)
 
     def forward(self, hidden: torch.Tensor, rotary: torch.Tensor, allowed: torch.Tensor, prefix: KeyValue | None = None,
-                past_key_values: Cache | None = None) -> torch.Tensor:
+                past_key_values: Cache | None = None, **kwargs) -> torch.Tensor:
         post_norm_residual = self.config.apply_residual_connection_post_layernorm
         dropout = self.config.hidden_dropout
         normed = self.input_layernorm(hidden)
-        attended = self.self_attention(normed, rotary, allowed, prefix, past_key_values)
+        attended = self.self_attention(normed, rotary, allowed, prefix, past_key_values, **kwargs)
         hidden = (normed if post_norm_residual else hidden) + F.dropout(attended, dropout, self.training)
         normed = self.post_attention_layernorm(hidden)
         return (normed if post_norm_residual else hidden) + F.dropout(self.mlp(normed), dropout, self.training)
@@ -236,6 +245,7 @@ class ChatGLM2PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    _supports_attention_backend = True  # attention goes through transformers' AttentionInterface
     # Official checkpoints carry the rotary inverse frequencies; they are recomputed, never loaded.
     _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
 
@@ -329,7 +339,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             layer_prefix = prefix[i] if prefix is not None else None
-            hidden = layer(hidden, rotary, allowed, layer_prefix, past_key_values=past_key_values)
+            hidden = layer(hidden, rotary, allowed, layer_prefix, past_key_values=past_key_values, **kwargs)
         if output_hidden_states:
             all_hidden += (hidden,)  # the official last hidden state comes before the final norm
         if self.encoder.final_layernorm is not None:
@@ -379,7 +389,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                    use_cache=use_cache, output_hidden_states=output_hidden_states,
-                                   return_dict=True)
+                                   return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
