@@ -53,7 +53,7 @@ def recipe_config(cfg: TrainConfig, recipe: str) -> TrainConfig:
     if recipe == "tutorial":
         if cfg.max_source_length is None or cfg.max_target_length is None:
             raise GlmtuneError("the tutorial recipe pads to max_source_length + max_target_length: set both")
-        return replace(cfg, gradient_checkpointing=True, group_by_length=False, packing=False)
+        return replace(cfg, gradient_checkpointing=True, group_by_length=False, packing=False, padding_free=False)
     return cfg
 
 

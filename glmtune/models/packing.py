@@ -30,14 +30,13 @@ def packing_layout(family: str, model) -> Callable:
             raise GlmtuneError(f"{type(model).__name__} with {implementation} attention cannot keep samples apart "
                                "in one sequence (packed and padding-free batches need transformers' sdpa or eager "
                                "attention)")
-        return restarting_positions_and_segments
-    return restarting_positions
+    return restarting_positions_and_segments
 
 
 def restarting_positions_and_segments(input_ids: torch.Tensor, lengths: list[list[int]]) -> dict:
     """Restarting positions, plus where each sample starts (flash-attention's varlen arguments), which
     glmtune.models.segment_attention and transformers' flash attention use to attend one sample at a time;
-    other attention functions ignore them."""
+    other attention functions ignore them (ChatGLM2/3 and transformers' mask code read the positions)."""
     offsets = segment_offsets(lengths, input_ids.shape[1])
     longest = int(offsets.diff().max())
     return {**restarting_positions(input_ids, lengths), "cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets,

@@ -29,7 +29,7 @@ from glmtune.data.packing import pack_features
 from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport
 from glmtune.data.templates import Template, get_template
 from glmtune.errors import GlmtuneError
-from glmtune.families import PACK_TRANSFORMERS, family_facts
+from glmtune.families import PACK_POSITIONS, PACK_TRANSFORMERS, family_facts
 from glmtune.methods import get_method
 from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, load_model
@@ -318,8 +318,9 @@ def prepare(cfg: TrainConfig, loaded: LoadedModel | None = None, *, load: Callab
         except GlmtuneError as e:
             log.info("padded batches: %s", e)
             cfg = replace(cfg, padding_free=False)
-    if collator is not eval_collator and cfg.method != "ptuning" and family_facts(loaded.family).packing == \
-            PACK_TRANSFORMERS and use_segment_attention(loaded.model):
+    # causal families (not ChatGLM-6B, whose context attends both ways); a P-Tuning prefix needs the mask
+    if collator is not eval_collator and cfg.method != "ptuning" and family_facts(loaded.family).packing in (
+            PACK_TRANSFORMERS, PACK_POSITIONS) and use_segment_attention(loaded.model):
         log.info("attention one sample at a time in packed rows (%s)", SEGMENT_ATTENTION)
 
     method = get_method(cfg.method)
