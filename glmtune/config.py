@@ -178,7 +178,7 @@ class TrainingOptions:
                                                  "unset (auto), on as few layers as keep the worst step's estimated "
                                                  "peak under memory_budget (the log says how many and why).")
     memory_budget: float | None = option(None, "GiB a training step may use, for gradient_checkpointing auto. "
-                                         "Default: on a GPU its free memory minus a 10% margin, on the CPU 6 GiB "
+                                         "Default: on a GPU its free memory minus 10 percent, on the CPU 6 GiB "
                                          "or half the machine's memory, whichever is less.", above=0)
     dataloader_num_workers: int = option(0, "Worker processes for batching.", minimum=0)
     report_to: str = option("none", "Also log to this backend (its package must be installed; tensorboard writes "

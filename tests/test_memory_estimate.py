@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -210,7 +210,7 @@ def test_dry_run_prints_the_estimate(tmp_path, capsys):
     output = capsys.readouterr().out
     assert code == 0, output
     line = next(x for x in output.splitlines() if x.startswith("peak GPU memory (estimate): "))
-    assert " at batch 4 x " in line and line.endswith("bf16")
+    assert " at batch 1 x " in line and line.endswith("bf16")  # padding-free: the 4 longest samples in one row
     assert f"weights {6_243_584_000 * 2 / GIB:.1f}," in line  # 11.6 GiB
 
     from glmtune.config import read_config_file
@@ -224,7 +224,10 @@ def test_dry_run_prints_the_estimate(tmp_path, capsys):
     assert parts["weights"] == 2 * (result.total - result.trainable)  # exactly: bf16, no buffers
     assert parts["trainable"] == 16 * result.trainable  # fp32 parameter, gradient and two AdamW moments
     assert 12 * GIB < result.memory.total < 40 * GIB
-    assert result.memory.batch_size == 4
+    # padding-free: the 4 longest samples side by side in one row, each longer than 100 tokens
+    assert result.memory.batch_size == 1 and result.memory.seq_len > 400
+    padded = dry_run(replace(cfg, padding_free=False)).memory
+    assert padded.batch_size == 4 and 4 * padded.seq_len >= result.memory.seq_len
 
 
 def test_auto_checkpointing_recomputes_the_fewest_layers_that_keep_the_step_under_its_budget(steps, tiny_model_dir):

@@ -1,8 +1,9 @@
 """`glmtune bench`: training speed, memory and utilisation of glmtune's recipe and of the tutorials' recipe,
 side by side on the same model, method and data.
 
-- glmtune: what `glmtune train` does with the same options (dynamic padding with length-grouped batches,
-  logits only at labelled positions, gradient checkpointing only when asked, packing when asked);
+- glmtune: what `glmtune train` does with the same options (padding-free batches in shuffled order, logits
+  only at labelled positions, gradient checkpointing on as few layers as the memory budget needs, packing
+  when asked);
 - tutorial: the ChatGLM tutorials' recipe: every sample padded to max_source_length + max_target_length,
   gradient checkpointing on, logits and their float32 cross-entropy at every position, random batches.
 

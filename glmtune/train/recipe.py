@@ -344,7 +344,10 @@ def _plan_recompute(cfg: TrainConfig, args, loaded: LoadedModel, model, features
     plan = plan_recompute(model, requested=cfg.gradient_checkpointing, budget_gib=cfg.memory_budget,
                           device=str(args.device), features=features, batch_size=cfg.batch_size, one_row=one_row,
                           dtype=compute, weights_dtype=weights, quantization=loaded.quantization,
-                          pre_seq_len=cfg.pre_seq_len if cfg.method == "ptuning" else 0, optim=cfg.optim)
+                          pre_seq_len=cfg.pre_seq_len if cfg.method == "ptuning" else 0, optim=cfg.optim,
+                          # attention one sample at a time sees no mask
+                          masked=False if getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION
+                          else None)
     for name, value in checkpointing_arguments(plan).items():
         setattr(args, name, value)
     log.info(plan.describe())

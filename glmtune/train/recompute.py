@@ -81,9 +81,10 @@ def decoder_layers(model) -> int:
 def plan_recompute(model, *, requested: bool | None, budget_gib: float | None, device: str,
                    features: list[dict], batch_size: int, one_row: bool, dtype: torch.dtype,
                    weights_dtype: torch.dtype, quantization=None, pre_seq_len: int = 0,
-                   optim: str = "adamw_torch") -> RecomputePlan:
+                   optim: str = "adamw_torch", masked: bool | None = None) -> RecomputePlan:
     """What `gradient_checkpointing` (`requested`: True, False or None for auto) comes to for this model,
-    data and device."""
+    data and device. `masked`: whether a mask reaches attention (default: with padding or several samples in
+    a row; attention one sample at a time passes none)."""
     layers = decoder_layers(model) or model_shape(model).layers
     if requested is not None:
         return RecomputePlan(layers if requested else 0, layers, 1 if requested else None, None, None,
@@ -102,7 +103,7 @@ def plan_recompute(model, *, requested: bool | None, budget_gib: float | None, d
         return estimate_training_memory(
             model, batch_size=rows, seq_len=length, labelled=labelled, dtype=dtype, weights_dtype=weights_dtype,
             quantization=quantization, gradient_checkpointing=recomputed, pre_seq_len=pre_seq_len, optim=optim,
-            masked=rows > 1 or one_row).total
+            masked=rows > 1 or one_row if masked is None else masked).total
 
     try:
         kept = estimate(0)
