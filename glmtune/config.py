@@ -91,6 +91,10 @@ class DataOptions:
     group_by_length: bool = option(False, "Batch samples of similar length together: less padding, but batches and "
                                    "their order follow length (and so often task); on short runs that trained worse "
                                    "(docs/benchmarks.md).")
+    padding_free: bool = option(True, "Put each step's batch_size samples (drawn in random order, as for padded "
+                                "batches) side by side in one sequence with no padding; attention and positions "
+                                "keep them apart, so the loss is that of the padded batch. Where a model cannot keep "
+                                "samples apart, batches are padded (said in the log).")
     packing: bool = option(False, "Pack several samples into each training sequence of up to cutoff_len tokens "
                            "(no compute on padding); attention stays inside each sample and positions restart, so "
                            "the loss is unchanged. batch_size then counts packed sequences.")
@@ -169,7 +173,13 @@ class TrainingOptions:
     save_total_limit: int = option(2, "Keep at most this many checkpoints.", minimum=1)
     precision: str = option("auto", "auto: fp32 on CPU, bf16 (else fp16) mixed precision on GPU.",
                             choices=("auto", "fp32", "fp16", "bf16"))
-    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory (about a third more compute).")
+    gradient_checkpointing: bool | None = option(None, "Recompute activations in the backward pass to save memory: "
+                                                 "true on every layer (about a third more compute), false on none; "
+                                                 "unset (auto), on as few layers as keep the worst step's estimated "
+                                                 "peak under memory_budget (the log says how many and why).")
+    memory_budget: float | None = option(None, "GiB a training step may use, for gradient_checkpointing auto. "
+                                         "Default: on a GPU its free memory minus 10 percent, on the CPU 6 GiB "
+                                         "or half the machine's memory, whichever is less.", above=0)
     dataloader_num_workers: int = option(0, "Worker processes for batching.", minimum=0)
     report_to: str = option("none", "Also log to this backend (its package must be installed; tensorboard writes "
                             "OUT/runs/, pip install tensorboard).",
@@ -194,6 +204,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     - quantization_bit and quantization_backend: QLoRA is LoRA over a bitsandbytes base, 4-bit unless
       quantization_bit says 8; the other methods quantize only when quantization_bit is set (the
       family-dependent `auto` backend is worked out once the model's family is known);
+    - padding_free: off under packing, whose rows already carry no padding to speak of;
     - the options that need generated answers for dev_file need a dev_file."""
     bits, backend = cfg.quantization_bit or 0, cfg.quantization_backend
     if cfg.method == "qlora":
@@ -209,7 +220,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if needs_dev and not cfg.dev_file:
         raise GlmtuneError(f"{', '.join(needs_dev)} need(s) dev_file")
     return dataclasses.replace(cfg, learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATES[cfg.method],
-                               quantization_bit=bits, quantization_backend=backend)
+                               quantization_bit=bits, quantization_backend=backend,
+                               padding_free=cfg.padding_free and not cfg.packing)
 
 
 def section_of(cls: type) -> list[tuple[str, list[dataclasses.Field]]]:

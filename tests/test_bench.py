@@ -65,7 +65,7 @@ def test_both_recipes_measured_side_by_side(tiny_model_dir, small_data):
                         in_process=True)
     ours, tutorial = summary["recipes"]["glmtune"], summary["recipes"]["tutorial"]
     assert (tutorial["padding"], tutorial["gradient_checkpointing"], tutorial["logits"]) == ("fixed", True, "all")
-    assert (ours["padding"], ours["gradient_checkpointing"], ours["logits"]) == ("dynamic", False, "labelled")
+    assert (ours["padding"], ours["gradient_checkpointing"], ours["logits"]) == ("padding-free", False, "labelled")
     # the tutorial pads every sample to 24 + 16 tokens: 2 x 40 per step
     assert tutorial["padded_tokens_per_s"] == pytest.approx(tutorial["steps_per_s"] * 2 * 40)
     assert tutorial["samples_per_s"] == pytest.approx(tutorial["steps_per_s"] * 2)

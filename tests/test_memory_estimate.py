@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from glmtune.methods import get_method
 from glmtune.models.kbit import Quantization
 from glmtune.train.loss import labelled_positions_loss
 from glmtune.train.memory import GIB, estimate_training_memory
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 TOLERANCE = 0.15  # |estimate - measured| / measured, the issue's target
 
@@ -33,9 +34,11 @@ class Step:
 
 
 def train_step_peak(model_dir: Path, method: str, *, batch: int, length: int, answer: int,
-                    checkpointing: bool = False, all_logits: bool = False, quantization: int = 0) -> Step:
+                    checkpointing: bool = False, all_logits: bool = False, quantization: int = 0,
+                    every_n_layers: int = 1) -> Step:
     """Load the model as training does, apply the method, run two AdamW steps on a right-padded batch and
-    return the second step's peak with the estimate for the same shapes."""
+    return the second step's peak with the estimate for the same shapes. `every_n_layers`: with
+    checkpointing, only every n-th decoder layer recomputes (as gradient_checkpointing auto asks)."""
     from glmtune.models.loader import load_model
 
     torch.manual_seed(0)
@@ -44,8 +47,12 @@ def train_step_peak(model_dir: Path, method: str, *, batch: int, length: int, an
     model = get_method(method).apply(loaded.model, options, loaded.family)
     model.config.use_cache = False
     model.train()
+    recomputed = 0
     if checkpointing:  # as the Trainer turns it on
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                            every_n_layers=every_n_layers)
+        recomputed = sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+                         and m.gradient_checkpointing)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     generator = torch.Generator().manual_seed(0)
@@ -72,7 +79,7 @@ def train_step_peak(model_dir: Path, method: str, *, batch: int, length: int, an
     labelled = int((labels[:, 1:] != -100).sum())
     estimate = estimate_training_memory(
         model, batch_size=batch, seq_len=length, labelled=labelled, dtype=torch.float32,
-        quantization=loaded.quantization, gradient_checkpointing=checkpointing, all_logits=all_logits)
+        quantization=loaded.quantization, gradient_checkpointing=recomputed, all_logits=all_logits)
     return Step(memory.peak, estimate)
 
 
@@ -203,7 +210,7 @@ def test_dry_run_prints_the_estimate(tmp_path, capsys):
     output = capsys.readouterr().out
     assert code == 0, output
     line = next(x for x in output.splitlines() if x.startswith("peak GPU memory (estimate): "))
-    assert " at batch 4 x " in line and line.endswith("bf16")
+    assert " at batch 1 x " in line and line.endswith("bf16")  # padding-free: the 4 longest samples in one row
     assert f"weights {6_243_584_000 * 2 / GIB:.1f}," in line  # 11.6 GiB
 
     from glmtune.config import read_config_file
@@ -217,4 +224,39 @@ def test_dry_run_prints_the_estimate(tmp_path, capsys):
     assert parts["weights"] == 2 * (result.total - result.trainable)  # exactly: bf16, no buffers
     assert parts["trainable"] == 16 * result.trainable  # fp32 parameter, gradient and two AdamW moments
     assert 12 * GIB < result.memory.total < 40 * GIB
-    assert result.memory.batch_size == 4
+    # padding-free: the 4 longest samples side by side in one row, each longer than 100 tokens
+    assert result.memory.batch_size == 1 and result.memory.seq_len > 400
+    padded = dry_run(replace(cfg, padding_free=False)).memory
+    assert padded.batch_size == 4 and 4 * padded.seq_len >= result.memory.seq_len
+
+
+def test_auto_checkpointing_recomputes_the_fewest_layers_that_keep_the_step_under_its_budget(steps, tiny_model_dir):
+    """gradient_checkpointing auto on the 2-layer model: a budget between 'recompute one layer' and 'keep
+    both' recomputes exactly one layer, and that step's measured peak fits the budget while keeping both
+    would not."""
+    from glmtune.models.loader import load_model
+    from glmtune.train.recompute import checkpointing_arguments, plan_recompute
+
+    plain, every = steps("lora"), steps("lora-checkpointing")
+    one = train_step_peak(tiny_model_dir, "lora", batch=8, length=256, answer=8, checkpointing=True, every_n_layers=2)
+    assert_close(one)
+    assert every.measured < one.measured < plain.measured  # each recomputed layer gives memory back
+    budget = (one.estimate.total + plain.estimate.total) / 2
+    assert one.measured <= budget < plain.measured
+
+    loaded = load_model(str(tiny_model_dir))
+    model = get_method("lora").apply(loaded.model, TrainConfig(model=str(tiny_model_dir), lora_dropout=0.0),
+                                     loaded.family)
+    features = [{"input_ids": [7] * 256, "labels": [-100] * 248 + [7] * 8}] * 8
+
+    def plan(budget_gib: float | None):
+        return plan_recompute(model, requested=None, budget_gib=budget_gib, device="cpu", features=features,
+                              batch_size=8, one_row=False, dtype=torch.float32, weights_dtype=torch.float32)
+
+    chosen = plan(budget / GIB)
+    assert (chosen.recomputed, chosen.layers, chosen.every_n_layers) == (1, 2, 2), chosen
+    assert checkpointing_arguments(chosen) == {"activation_checkpointing": True, "activation_checkpointing_kwargs":
+                                               {"use_reentrant": False, "every_n_layers": 2}}
+    assert plan(plain.estimate.total * 1.5 / GIB).recomputed == 0  # room for everything: nothing recomputed
+    assert plan(1e-3).recomputed == 2 and "still over the budget" in plan(1e-3).why  # every layer, and said
+    assert plan(None).budget_bytes == min(6 * GIB, plan(None).budget_bytes)  # the CPU default: at most 6 GiB

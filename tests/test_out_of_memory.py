@@ -78,6 +78,13 @@ def last_error(capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def auto_budget() -> str:
+    """The memory_budget gradient_checkpointing auto used on this machine, as the message writes it."""
+    from glmtune.train.recompute import default_budget_gib
+
+    return f"{round(default_budget_gib('cpu')[0], 2):g}"
+
+
 def test_out_of_memory_in_a_step_names_the_step_the_values_and_the_checkpoint_which_resumes(
         tiny_model_dir, tmp_path, rows, out_of_memory_in, monkeypatch, capsys):
     out = tmp_path / "run"
@@ -87,7 +94,8 @@ def test_out_of_memory_in_a_step_names_the_step_the_values_and_the_checkpoint_wh
     assert last_error(capsys) == (
         "glmtune: error: out of memory on the GPU at step 3 of 4 while training: lower batch_size (4; raise "
         "gradient_accumulation_steps, now 2, to keep the effective batch of 8), cutoff_len (1024), turn on "
-        "gradient_checkpointing, set quantization_bit 4 (now full weights); the last complete checkpoint is "
+        f"gradient_checkpointing or lower memory_budget, now {auto_budget()} GiB, set quantization_bit 4 (now full "
+        "weights); the last complete checkpoint is "
         f"{out / 'checkpoint-2'} (continue from it with --resume and the lowered values)")
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".saving"))) == \
         ["checkpoint-1", "checkpoint-2"]
@@ -119,7 +127,8 @@ def test_cpu_out_of_memory_while_saving_leaves_no_half_checkpoint(tiny_model_dir
     assert last_error(capsys) == (
         "glmtune: error: out of memory on the CPU (the machine's RAM) while saving at step 2 of 4: lower batch_size "
         "(4; raise gradient_accumulation_steps, now 1, to keep the effective batch of 4), cutoff_len (1024), turn "
-        "on gradient_checkpointing, lower pre_seq_len (4; this needs a new run); the last complete checkpoint is "
+        f"on gradient_checkpointing or lower memory_budget, now {auto_budget()} GiB, lower pre_seq_len (4; this "
+        "needs a new run); the last complete checkpoint is "
         f"{out / 'checkpoint-1'} (continue from it with --resume and the lowered values)")
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".saving"))) == ["checkpoint-1"]
 

@@ -1,6 +1,6 @@
 """Packing several samples into one sequence changes nothing the model learns: for every family and for
-LoRA and P-Tuning v2, the summed loss and every trainable gradient of a packed batch equal those of the
-same samples padded one per row."""
+LoRA and P-Tuning v2, the summed loss and every trainable gradient of a packed batch, and of the
+padding-free batch (all samples in one row), equal those of the same samples padded one per row."""
 
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def test_packed_loss_and_gradients_equal_unpacked(family, method, tiny_family_di
     from glmtune.config import TrainConfig
     from glmtune.data.collate import PadCollator
     from glmtune.methods import get_method
+    from glmtune.models.segment_attention import use_segment_attention
     from glmtune.train.loss import model_inputs
     from glmtune.train.recipe import pack_collator
 
@@ -84,6 +85,8 @@ def test_packed_loss_and_gradients_equal_unpacked(family, method, tiny_family_di
     loaded, features = _encoded(tiny_family_dir(family), varied_data)
     cfg = TrainConfig(model=str(loaded.path), method=method, pre_seq_len=4, lora_dropout=0.0, lora_rank=4)
     collate = pack_collator(loaded)
+    if method == "lora" and family in ("generic", "glm4", "chatglm2"):  # as training sets it up: one sample at a time
+        assert use_segment_attention(loaded.model)
     model = get_method(method).apply(loaded.model, cfg, loaded.family)
     model.eval()  # no dropout: the two layouts must see the same function
     with torch.no_grad():  # a trained-looking adapter, so its gradients are not trivially zero
@@ -96,17 +99,22 @@ def test_packed_loss_and_gradients_equal_unpacked(family, method, tiny_family_di
     assert len(rows) < len(features)  # samples really share rows
     packed = model_inputs(collate(rows))
     padded = model_inputs(PadCollator(loaded.tokenizer.pad_token_id)(features))
+    # the padding-free batch (the default): every sample side by side in one row
+    one_row = model_inputs(pack_collator(loaded, one_row=True)(features))
+    assert one_row["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
 
-    packed_loss, packed_count, packed_grads = _loss_and_grads(model, packed)
     loss, count, grads = _loss_and_grads(model, padded)
-    assert packed_count == count > 0
-    assert torch.allclose(packed_loss, loss, rtol=1e-5, atol=1e-4), (packed_loss, loss)
-    assert grads and grads.keys() == packed_grads.keys()
-    for name in grads:
-        assert grads[name].abs().max() > 0
-        # float32 sums in another order: equal to 1e-5 of the gradient's scale
-        difference = (packed_grads[name] - grads[name]).abs().max()
-        assert difference <= 1e-5 * grads[name].abs().max(), (name, float(difference))
+    assert count > 0 and grads
+    for batch in (packed, one_row):
+        packed_loss, packed_count, packed_grads = _loss_and_grads(model, batch)
+        assert packed_count == count
+        assert torch.allclose(packed_loss, loss, rtol=1e-5, atol=1e-4), (packed_loss, loss)
+        assert grads.keys() == packed_grads.keys()
+        for name in grads:
+            assert grads[name].abs().max() > 0
+            # float32 sums in another order: equal to 1e-5 of the gradient's scale
+            difference = (packed_grads[name] - grads[name]).abs().max()
+            assert difference <= 1e-5 * grads[name].abs().max(), (name, float(difference))
 
 
 def test_packed_samples_cannot_see_each_other(tiny_family_dir, varied_data):
@@ -129,7 +137,7 @@ def test_packing_is_refused_for_a_model_that_would_mix_samples(tiny_family_dir, 
 
     loaded, _ = _encoded(tiny_family_dir("generic"), varied_data)
     loaded.model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(GlmtuneError, match="packing needs"):
+    with pytest.raises(GlmtuneError, match="cannot keep samples apart"):
         pack_collator(loaded)
 
 
@@ -143,8 +151,9 @@ def test_training_with_packing_counts_real_tokens_and_reuses_the_tokenized_data(
     assert "packing: 12 training samples in" in caplog.text
     losses = log_values(packed.output_dir, "loss")
     assert losses and all(loss == loss for loss in losses)
+    assert packed.metrics["batches_and_memory"]["batching"] == "packed"
     caplog.clear()
-    padded = train_tiny(tiny_model_dir, small_data, tmp_path / "b", **one_epoch)
+    padded = train_tiny(tiny_model_dir, small_data, tmp_path / "b", padding_free=False, **one_epoch)
     assert "tokenized train data loaded from cache" in caplog.text
     assert "tokenized dev data loaded from cache" in caplog.text
     # one epoch sees every real token once, packed or not; packed rows have no attention mask to count by

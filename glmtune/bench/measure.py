@@ -11,9 +11,6 @@ Model FLOPs count the work the method needs for the real tokens, never padding o
 
 from __future__ import annotations
 
-import os
-import re
-import resource
 import time
 from dataclasses import dataclass
 
@@ -39,39 +36,6 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-class PeakMemory:
-    """Peak memory from `start()` on: allocated bytes on a GPU; on the CPU the process's peak resident set
-    (Linux lets it be reset, so model loading before `start()` is not counted; elsewhere it is)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.since_start = True
-
-    def start(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM, the peak resident set size
-        except OSError:
-            self.since_start = False
-
-    def peak_bytes(self) -> int:
-        if self.device.startswith("cuda"):
-            return torch.cuda.max_memory_allocated()
-        try:
-            with open("/proc/self/status") as f:
-                found = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-            if found:
-                return int(found.group(1)) * 1024
-        except OSError:
-            pass
-        self.since_start = False
-        scale = 1 if os.uname().sysname == "Darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 @dataclass

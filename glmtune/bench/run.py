@@ -1,8 +1,9 @@
 """`glmtune bench`: training speed, memory and utilisation of glmtune's recipe and of the tutorials' recipe,
 side by side on the same model, method and data.
 
-- glmtune: what `glmtune train` does with the same options (dynamic padding with length-grouped batches,
-  logits only at labelled positions, gradient checkpointing only when asked, packing when asked);
+- glmtune: what `glmtune train` does with the same options (padding-free batches in shuffled order, logits
+  only at labelled positions, gradient checkpointing on as few layers as the memory budget needs, packing
+  when asked);
 - tutorial: the ChatGLM tutorials' recipe: every sample padded to max_source_length + max_target_length,
   gradient checkpointing on, logits and their float32 cross-entropy at every position, random batches.
 
@@ -53,7 +54,7 @@ def recipe_config(cfg: TrainConfig, recipe: str) -> TrainConfig:
     if recipe == "tutorial":
         if cfg.max_source_length is None or cfg.max_target_length is None:
             raise GlmtuneError("the tutorial recipe pads to max_source_length + max_target_length: set both")
-        return replace(cfg, gradient_checkpointing=True, group_by_length=False, packing=False)
+        return replace(cfg, gradient_checkpointing=True, group_by_length=False, packing=False, padding_free=False)
     return cfg
 
 
@@ -108,10 +109,11 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int, *, 
     and tokenizer are enough; speed and memory do not depend on the values). `inspect(model, batches)`, if
     given, is called after training with the trained model and every batch's ledger entry; what it returns
     is added to the result."""
-    from glmtune.bench.measure import FlopCounter, PeakMemory
+    from glmtune.bench.measure import FlopCounter
     from glmtune.data.collate import PadCollator
     from glmtune.models.loader import default_device, load_random_model
-    from glmtune.train.recipe import build_trainer, prepare
+    from glmtune.train.peak_memory import PeakMemory
+    from glmtune.train.recipe import batching, build_trainer, prepare
 
     cfg = recipe_config(cfg, recipe)
     if not cfg.train_file:
@@ -149,16 +151,17 @@ def run_recipe(cfg: TrainConfig, recipe: str, steps: int, warmup_steps: int, *, 
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
         "batch_size": cfg.batch_size, "gradient_accumulation_steps": accumulation,
-        "padding": "fixed" if recipe == "tutorial" else ("packed" if cfg.packing else "dynamic"),
+        "padding": "fixed" if recipe == "tutorial" else batching(cfg),
         "padded_length": cfg.max_source_length + cfg.max_target_length if recipe == "tutorial" else None,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "logits": "all" if recipe == "tutorial" else "labelled",
+        "gradient_checkpointing": prepared.recompute.recomputed > 0,
+        "recomputed_layers": f"{prepared.recompute.recomputed}/{prepared.recompute.layers}",
+        "logits": "all" if recipe == "tutorial" else "labelled",
         "limits": limits.describe(), "steps": steps, "warmup_steps": warmup_steps, "seconds": round(seconds, 3),
         "steps_per_s": steps / seconds, "samples_per_s": totals["samples"] / seconds,
         "real_tokens_per_s": totals["real"] / seconds, "padded_tokens_per_s": totals["padded"] / seconds,
         "padding_share": 1 - totals["real"] / totals["padded"],
         "peak_memory_bytes": peak,
-        "peak_memory_kind": "allocated" if device.startswith("cuda") else
-        ("resident, training only" if memory.since_start else "resident, whole process"),
+        "peak_memory_kind": memory.describe(),
         "model_flops_per_s": achieved,  # run_bench adds the matmul peak and the utilisation
         **(inspect(model, ledger.batches) if inspect else {}),
     }
@@ -215,12 +218,13 @@ def _run_child(cfg: TrainConfig, recipe: str, settings: BenchSettings) -> dict[s
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    header = f"{'recipe':<9} {'steps/s':>8} {'samples/s':>10} {'real tok/s':>11} {'padded tok/s':>13} " \
-             f"{'peak memory':>12} {'GFLOP/s':>8} {'MFU':>6}"
+    header = f"{'recipe':<9} {'steps/s':>8} {'samples/s':>10} {'real tok/s':>11} {'padding':>8} " \
+             f"{'recomputed':>10} {'peak memory':>12} {'GFLOP/s':>8} {'MFU':>6}"
     lines = [header]
     for name, r in summary["recipes"].items():
         lines.append(f"{name:<9} {r['steps_per_s']:>8.3f} {r['samples_per_s']:>10.2f} {r['real_tokens_per_s']:>11.1f} "
-                     f"{r['padded_tokens_per_s']:>13.1f} {r['peak_memory_bytes'] / 2**30:>8.2f} GiB "
+                     f"{100 * r['padding_share']:>7.1f}% {r['recomputed_layers']:>10} "
+                     f"{r['peak_memory_bytes'] / 2**30:>8.2f} GiB "
                      f"{r['model_flops_per_s'] / 1e9:>8.1f} {100 * r['mfu']:>5.1f}%")
     first = next(iter(summary["recipes"].values()))
     lines.append(f"matmul peak {first['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({first['dtype']}, {first['device']}, "

@@ -1,5 +1,6 @@
 """Batching: pad each batch to its own longest sample (never to a global length), or to a fixed length
-where a recipe asks for one (the tutorials' recipe in `glmtune bench`); and packed rows of samples."""
+where a recipe asks for one (the tutorials' recipe in `glmtune bench`); packed rows of samples; and
+padding-free batches (a batch's samples side by side in one row)."""
 
 from __future__ import annotations
 
@@ -73,21 +74,34 @@ def restarting_positions(input_ids: torch.Tensor, lengths: list[list[int]]) -> d
 class PackCollator:
     """Batches packed rows (see glmtune.data.packing): pads them to the longest row and lays out
     positions (and, where the model needs one, an attention mask) so that no sample sees another.
-    `layout(input_ids, lengths)` returns those extra inputs; the default restarts positions per sample."""
+    `layout(input_ids, lengths)` returns those extra inputs; the default restarts positions per sample.
+
+    `one_row`: the padding-free batch. The batch's samples (plain or packed rows) go side by side into a single
+    row with no padding at all, so a step trains on exactly the samples, and the loss, of the padded batch
+    the sampler drew."""
 
     pad_id: int
     layout: Callable[[torch.Tensor, list[list[int]]], dict[str, torch.Tensor]] = restarting_positions
     count_tokens: bool = False
+    one_row: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.one_row:
+            rows = [{"input_ids": [t for r in rows for t in r["input_ids"]],
+                     "labels": [t for r in rows for t in r["labels"]],
+                     "lengths": [n for r in rows for n in (r.get("lengths") or [len(r["input_ids"])])]}]
         longest = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row["input_ids"])] = torch.tensor(row["input_ids"])
-            labels[i, :len(row["labels"])] = torch.tensor(row["labels"])
         # a plain sample (the dev set is never packed) is a row of one
         lengths = [list(r.get("lengths") or [len(r["input_ids"])]) for r in rows]
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row["input_ids"])] = torch.tensor(row["input_ids"])
+            row_labels = torch.tensor(row["labels"])
+            # A sample's first token is predicted from nothing when it stands alone; packed, it would be the
+            # previous sample's last token's target. No such target is trained.
+            row_labels[torch.tensor(lengths[i]).cumsum(0)[:-1]] = IGNORE_INDEX
+            labels[i, :len(row["labels"])] = row_labels
         batch = {"input_ids": input_ids, "labels": labels, **self.layout(input_ids, lengths)}
         if self.count_tokens:
             batch[REAL_TOKENS] = torch.tensor(sum(sum(n) for n in lengths))

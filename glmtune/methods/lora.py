@@ -11,6 +11,7 @@ from typing import Any
 from glmtune.errors import GlmtuneError, one_line
 from glmtune.families import family_facts, is_native
 from glmtune.files import read_json_object
+from glmtune.methods.lora_dropout import share_input_dropout
 
 def target_modules(option: str, family: str) -> list[str] | str | None:
     if option == "auto":
@@ -38,10 +39,12 @@ class LoraMethod:
                             target_modules=target_modules(options.lora_target, family), task_type="CAUSAL_LM")
         fit_quantized(model, config)
         try:
-            return get_peft_model(model, config)
+            adapted = get_peft_model(model, config)
         except ValueError as e:
             raise GlmtuneError(f"cannot apply LoRA ({e}); set lora_target to module names of this model, "
                                "or all-linear") from None
+        share_input_dropout(adapted)  # one dropout mask per input, drawn more cheaply (methods/lora_dropout.py)
+        return adapted
 
     def save(self, model, directory: Path) -> None:
         model.save_pretrained(directory)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from glmtune.data.collate import restarting_positions
 from glmtune.errors import GlmtuneError
 from glmtune.families import PACK_CHATGLM, PACK_TRANSFORMERS, family_facts
+from glmtune.models.segment_attention import NAME as SEGMENT_ATTENTION, segment_offsets
 
 
 def packing_layout(family: str, model) -> Callable:
@@ -21,8 +24,20 @@ def packing_layout(family: str, model) -> Callable:
         return packed_layout(model.config)
     if kind == PACK_TRANSFORMERS:
         implementation = getattr(model.config, "_attn_implementation", None)
-        if not getattr(model, "_supports_attention_backend", False) or implementation not in ("sdpa", "eager"):
-            raise GlmtuneError(f"packing needs a model whose attention keeps packed samples apart (transformers' "
-                               f"sdpa or eager attention); {type(model).__name__} with {implementation} attention "
-                               "cannot: train without packing")
-    return restarting_positions
+        # P-Tuning's prefix wraps sdpa or eager; segment attention is sdpa one sample at a time
+        inner = (implementation or "").removeprefix("glmtune_prefix_").replace(SEGMENT_ATTENTION, "sdpa")
+        if not getattr(model, "_supports_attention_backend", False) or inner not in ("sdpa", "eager"):
+            raise GlmtuneError(f"{type(model).__name__} with {implementation} attention cannot keep samples apart "
+                               "in one sequence (packed and padding-free batches need transformers' sdpa or eager "
+                               "attention)")
+    return restarting_positions_and_segments
+
+
+def restarting_positions_and_segments(input_ids: torch.Tensor, lengths: list[list[int]]) -> dict:
+    """Restarting positions, plus where each sample starts (flash-attention's varlen arguments), which
+    glmtune.models.segment_attention and transformers' flash attention use to attend one sample at a time;
+    other attention functions ignore them (ChatGLM2/3 and transformers' mask code read the positions)."""
+    offsets = segment_offsets(lengths, input_ids.shape[1])
+    longest = int(offsets.diff().max())
+    return {**restarting_positions(input_ids, lengths), "cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets,
+            "max_length_q": longest, "max_length_k": longest}

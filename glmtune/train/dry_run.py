@@ -23,6 +23,7 @@ from glmtune.models.kbit import Quantization, check_bitsandbytes
 from glmtune.models.loader import (WEIGHT_PATTERNS, LoadedModel, default_device, known_token_ids, load_tokenizer,
                                    native_classes, read_model_config, resolve_dtype, stop_token_ids)
 from glmtune.train.memory import MemoryEstimate, estimate_training_memory
+from glmtune.train.recompute import worst_batch
 from glmtune.train.recipe import (check_report_to, length_limits, load_data, requested_quantization, resolved_config,
                                   training_arguments)
 from glmtune.train.run_folder import check_output_dir, default_output_dir
@@ -187,18 +188,20 @@ def gpu_dtypes(cfg: TrainConfig):
 
 
 def _memory(cfg: TrainConfig, model, features: list[dict], quantization: Quantization) -> MemoryEstimate | None:
-    """The estimate for the worst batch of the data: batch_size rows of the longest sample (cutoff_len when
-    packing), each with the longest answer (an upper bound)."""
+    """The estimate for the worst batch of the data: the batch_size longest samples, padded to the longest
+    or side by side in one row (padding-free), or batch_size rows of cutoff_len (packing), each with the
+    longest answer (an upper bound). Gradient checkpointing auto is counted as off."""
     if not features:
         return None
-    cutoff = cfg.cutoff_len if cfg.packing else max(len(f["input_ids"]) for f in features)
-    answer = max(sum(1 for label in f["labels"] if label != IGNORE_INDEX) for f in features)
+    rows, length, labelled = worst_batch(features, cfg.batch_size, one_row=cfg.padding_free)
+    if cfg.packing:
+        rows, length = cfg.batch_size, cfg.cutoff_len
     compute, weights = gpu_dtypes(cfg)
     try:
         return estimate_training_memory(
-            model, batch_size=cfg.batch_size, seq_len=cutoff, labelled=cfg.batch_size * answer, dtype=compute,
-            weights_dtype=weights, quantization=quantization, gradient_checkpointing=cfg.gradient_checkpointing,
-            optim=cfg.optim, masked=cfg.batch_size > 1 or cfg.packing)
+            model, batch_size=rows, seq_len=length, labelled=labelled, dtype=compute,
+            weights_dtype=weights, quantization=quantization, gradient_checkpointing=bool(cfg.gradient_checkpointing),
+            optim=cfg.optim, masked=rows > 1 or cfg.packing or cfg.padding_free)
     except (AttributeError, TypeError, ValueError) as e:  # an architecture whose config the estimate cannot read
         log.warning("no memory estimate for this model: %s", one_line(e))
         return None

@@ -122,8 +122,10 @@ class LabelledLossTrainer(AtomicCheckpoints, Trainer):
     `labelled_logits=False` keeps the model's own loss (logits at every position), for comparisons.
     Checkpoints are written atomically (glmtune.train.checkpoints)."""
 
-    def __init__(self, *args, answer_metrics=None, labelled_logits: bool = True, **kwargs):
+    def __init__(self, *args, answer_metrics=None, labelled_logits: bool = True, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator  # evaluation batches' own collator; default the training one
+        self.batch_tokens = {"real": 0, "in_batches": 0}  # this process's training batches, padding included
         # DeepSpeed ZeRO and FSDP hold the weights sharded and gather each module's in its forward: the output
         # layer's weight, read directly here, would be a shard. They keep the model's own loss.
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
@@ -132,11 +134,27 @@ class LabelledLossTrainer(AtomicCheckpoints, Trainer):
 
     def _track_num_input_tokens(self, inputs):
         """Tokens seen are the real ones the collator counted: with packed rows neither an attention mask
-        nor the pad token tells them apart."""
+        nor the pad token tells them apart. Real and batch tokens are also added up for the padding share."""
         if REAL_TOKENS not in inputs:
             return super()._track_num_input_tokens(inputs)
+        self.batch_tokens["real"] += int(inputs[REAL_TOKENS])
+        self.batch_tokens["in_batches"] += inputs["input_ids"].numel()
         count = torch.as_tensor(inputs[REAL_TOKENS], device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
+
+    def padding_share(self) -> float | None:
+        """The share of this process's training batch tokens that were padding; None before any batch."""
+        total = self.batch_tokens["in_batches"]
+        return 1 - self.batch_tokens["real"] / total if total else None
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        training_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:  # the loader keeps the collator it was built with
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = training_collator
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """A plain model that trains a few of its tensors (P-Tuning v2) checkpoints only those: a 6B base
@@ -154,7 +172,8 @@ class LabelledLossTrainer(AtomicCheckpoints, Trainer):
         save_file(trained, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
 
     def _check_fast_loss(self, model, inputs) -> bool:
-        sample = {k: v[:2] for k, v in inputs.items()}
+        # two rows are enough, unless the batch says where its samples start (those offsets span every row)
+        sample = inputs if "cu_seq_lens_q" in inputs else {k: v[:2] for k, v in inputs.items()}
         was_training = model.training
         model.eval()
         with torch.no_grad():

@@ -35,8 +35,8 @@ vocabulary.
     P-Tuning: the prefix keys/values fed to every layer (ChatGLM's per sample after the prefix dropout;
       other families' once, in fp32);
   plus the final norm's input. With gradient checkpointing (non-reentrant, per decoder layer) only each
-  layer's input (T * h * b) is kept, and one layer's activations are rebuilt during the backward pass
-  (counted as workspace).
+  recomputed layer's input (T * h * b) is kept, and one layer's activations are rebuilt during the backward
+  pass (counted as workspace); the other layers keep theirs.
 - logits: glmtune's loss projects only labelled positions to the vocabulary, a chunk of
   rows = 2**23 // V positions at a time: at most min(labelled, rows) * V elements are alive, as the
   compute-dtype product, its fp32 copy (none when b is 4) and log-sum-exp's fp32 temporary,
@@ -281,7 +281,7 @@ def _prefix_length(model) -> int:
 
 
 def estimate_training_memory(model, *, batch_size: int, seq_len: int, labelled: int, dtype: torch.dtype,
-                             quantization: Quantization | None = None, gradient_checkpointing: bool = False,
+                             quantization: Quantization | None = None, gradient_checkpointing: bool | int = False,
                              all_logits: bool = False, pre_seq_len: int = 0, optim: str = "adamw_torch_fused",
                              masked: bool = True, family: str | None = None,
                              weights_dtype: torch.dtype | None = None) -> MemoryEstimate:
@@ -293,7 +293,8 @@ def estimate_training_memory(model, *, batch_size: int, seq_len: int, labelled: 
     `masked`: whether the batch carries padding (a mask reaches attention); native ChatGLM models and
     P-Tuning always pass one. `family` is accepted for callers that know it; the model's own structure
     decides. `weights_dtype`: the dtype the frozen weights are loaded in where it differs from the compute
-    dtype (fp32 weights under bf16 mixed precision); default `dtype`."""
+    dtype (fp32 weights under bf16 mixed precision); default `dtype`. `gradient_checkpointing`: True for every
+    layer, or the number of layers that recompute their activations."""
     quantization = quantization or Quantization()
     shape = model_shape(model)
     b = torch.empty((), dtype=dtype).element_size()
@@ -336,10 +337,10 @@ def estimate_training_memory(model, *, batch_size: int, seq_len: int, labelled: 
         width = shape.layers * 2 * shape.kv_heads * d
         prefix = B * P * width * (b + 1) if native else P * width * 4
     final_norm = T * (h * norm_bytes + 4)
-    if gradient_checkpointing:  # each layer's input; the layer being recomputed is backward workspace
-        activations = shape.layers * T * h * b + prefix + final_norm
-    else:
-        activations = shape.layers * per_layer + prefix + final_norm
+    # gradient_checkpointing: True for every layer, or how many layers recompute (glmtune.train.recompute)
+    recomputed = shape.layers if gradient_checkpointing is True else min(int(gradient_checkpointing or 0), shape.layers)
+    # a recomputed layer keeps only its input; the layer being recomputed is backward workspace
+    activations = (shape.layers - recomputed) * per_layer + recomputed * T * h * b + prefix + final_norm
 
     V = shape.vocab
     if all_logits:
@@ -349,7 +350,7 @@ def estimate_training_memory(model, *, batch_size: int, seq_len: int, labelled: 
         per_element = (b + 4 if b != 4 else 4) + 4
         logits = rows * V * per_element + 2 * labelled * h * b
     workspace = max(T * shape.inner * (2 if shape.gated else 1) * b, scores) + dequantized
-    if gradient_checkpointing:
+    if recomputed:
         workspace += per_layer
     parts = {"weights": weights, "trainable": trainable, "activations": int(activations), "logits": int(logits),
              "workspace": int(workspace)}

@@ -44,7 +44,10 @@ def _changes(error: BaseException, cfg: TrainConfig, doing: str) -> list[str]:
     lengths += [f"{name} ({getattr(cfg, name)})" for name in ("max_source_length", "max_target_length")
                 if getattr(cfg, name)]
     changes.append(("lower " if not changes else "") + ", ".join(lengths))
-    if not cfg.gradient_checkpointing and doing != "evaluating":
+    if cfg.gradient_checkpointing is None and doing != "evaluating":  # auto: the budget decided
+        budget = f", now {cfg.memory_budget:g} GiB" if cfg.memory_budget else ""
+        changes.append(f"turn on gradient_checkpointing or lower memory_budget{budget}")
+    elif not cfg.gradient_checkpointing and doing != "evaluating":
         changes.append("turn on gradient_checkpointing")
     bits = cfg.quantization_bit or 0
     if bits != 4 and not on_cpu(error):  # bitsandbytes and ChatGLM's int4 kernels are for the GPU

@@ -29,12 +29,16 @@ from glmtune.data.packing import pack_features
 from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport
 from glmtune.data.templates import Template, get_template
 from glmtune.errors import GlmtuneError
+from glmtune.families import PACK_POSITIONS, PACK_TRANSFORMERS, family_facts
 from glmtune.methods import get_method
 from glmtune.models.kbit import Quantization
 from glmtune.models.loader import LoadedModel, load_model
 from glmtune.models.packing import packing_layout
+from glmtune.models.segment_attention import NAME as SEGMENT_ATTENTION, use_segment_attention
 from glmtune.train.distributed import check_deepspeed, same_on_all_ranks, world_size
 from glmtune.train.loss import LabelledLossTrainer
+from glmtune.train.memory import GIB
+from glmtune.train.recompute import RecomputePlan, checkpointing_arguments, plan_recompute
 from glmtune.train.run_folder import RunFolder, default_output_dir
 
 log = logging.getLogger(__name__)
@@ -67,7 +71,9 @@ class Prepared:
     train_report: TruncationReport
     dev_features: list[dict[str, list[int]]]  # shortest first: evaluation batches with little padding
     dev_report: TruncationReport | None
-    collator: Any
+    collator: Any  # for training batches
+    eval_collator: Any  # for evaluation batches: padded (dev features come shortest first)
+    recompute: RecomputePlan  # how many layers recompute their activations
     method: Any  # glmtune.methods' method object
     parameters: dict[str, Any]  # the method's parameters, as the adapter records them
     model: Any  # the base with the method applied
@@ -138,7 +144,8 @@ def training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         use_cpu=not on_gpu,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        # gradient_checkpointing auto is decided once the model and data are known (see prepare)
+        activation_checkpointing=bool(cfg.gradient_checkpointing),
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         remove_unused_columns=False,
@@ -203,10 +210,16 @@ def requested_quantization(cfg: TrainConfig) -> Quantization:
                         double_quant=cfg.double_quantization)
 
 
-def pack_collator(loaded: LoadedModel) -> PackCollator:
-    """The collator for packed rows, with the layout the family reads packed samples from."""
+def batching(cfg: TrainConfig) -> str:
+    """How a resolved config batches its training samples, in words."""
+    return "packed" if cfg.packing else "padding-free" if cfg.padding_free else "padded"
+
+
+def pack_collator(loaded: LoadedModel, *, one_row: bool = False) -> PackCollator:
+    """The collator for packed rows (`one_row`: padding-free batches), with the layout the family reads
+    packed samples from; GlmtuneError where the model cannot keep packed samples apart."""
     return PackCollator(loaded.tokenizer.pad_token_id, layout=packing_layout(loaded.family, loaded.model),
-                        count_tokens=True)
+                        count_tokens=True, one_row=one_row)
 
 
 @contextlib.contextmanager
@@ -289,21 +302,56 @@ def prepare(cfg: TrainConfig, loaded: LoadedModel | None = None, *, load: Callab
     if dev_report:
         log.info(dev_report.summary("dev", limits))
 
-    collator = PadCollator(loaded.tokenizer.pad_token_id, side="right", count_tokens=True)
+    eval_collator = collator = PadCollator(loaded.tokenizer.pad_token_id, side="right", count_tokens=True)
     if cfg.packing:
-        collator = pack_collator(loaded)
+        try:
+            collator = pack_collator(loaded)
+        except GlmtuneError as e:
+            raise GlmtuneError(f"{e}: train without packing") from None
         samples = len(train_features)
         train_features = pack_features(train_features, cfg.cutoff_len)
         log.info("packing: %d training samples in %d sequences of up to %d tokens", samples, len(train_features),
                  cfg.cutoff_len)
+    elif cfg.padding_free:
+        try:
+            collator = pack_collator(loaded, one_row=True)
+        except GlmtuneError as e:
+            log.info("padded batches: %s", e)
+            cfg = replace(cfg, padding_free=False)
+    # causal families (not ChatGLM-6B, whose context attends both ways); a P-Tuning prefix needs the mask
+    if collator is not eval_collator and cfg.method != "ptuning" and family_facts(loaded.family).packing in (
+            PACK_TRANSFORMERS, PACK_POSITIONS) and use_segment_attention(loaded.model):
+        log.info("attention one sample at a time in packed rows (%s)", SEGMENT_ATTENTION)
 
     method = get_method(cfg.method)
     parameters = method.parameters(cfg, loaded.family)
     model = method.apply(loaded.model, cfg, loaded.family)
     model.config.use_cache = False
+    recompute = _plan_recompute(cfg, args, loaded, model, train_features,
+                                one_row=getattr(collator, "one_row", False))
     cfg = resolved_config(cfg, args, out, loaded, template.name, model)
+    if cfg.gradient_checkpointing is None and cfg.memory_budget is None and recompute.budget_bytes is not None:
+        cfg = replace(cfg, memory_budget=round(recompute.budget_bytes / GIB, 2))  # the budget auto used
     return Prepared(cfg, out, args, folder, train_samples, dev_samples, loaded, template, limits, train_features,
-                    train_report, dev_features, dev_report, collator, method, parameters, model)
+                    train_report, dev_features, dev_report, collator, eval_collator, recompute, method, parameters,
+                    model)
+
+
+def _plan_recompute(cfg: TrainConfig, args, loaded: LoadedModel, model, features, *, one_row: bool) -> RecomputePlan:
+    """Decide how many layers recompute (glmtune.train.recompute) and set the training arguments to match."""
+    weights = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
+    compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else weights
+    plan = plan_recompute(model, requested=cfg.gradient_checkpointing, budget_gib=cfg.memory_budget,
+                          device=str(args.device), features=features, batch_size=cfg.batch_size, one_row=one_row,
+                          dtype=compute, weights_dtype=weights, quantization=loaded.quantization,
+                          pre_seq_len=cfg.pre_seq_len if cfg.method == "ptuning" else 0, optim=cfg.optim,
+                          # attention one sample at a time sees no mask
+                          masked=False if getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION
+                          else None)
+    for name, value in checkpointing_arguments(plan).items():
+        setattr(args, name, value)
+    log.info(plan.describe())
+    return plan
 
 
 def build_trainer(prepared: Prepared, callbacks: list, *, collator=None, labelled_logits: bool = True):
@@ -317,6 +365,7 @@ def build_trainer(prepared: Prepared, callbacks: list, *, collator=None, labelle
             model=prepared.model,
             args=prepared.args,
             data_collator=collator or prepared.collator,
+            eval_collator=prepared.eval_collator,
             train_dataset=FeatureDataset(prepared.train_features),
             eval_dataset=FeatureDataset(prepared.dev_features) if prepared.dev_features else None,
             callbacks=callbacks,

@@ -29,8 +29,9 @@ from glmtune.train.callbacks import (EvaluateEachEpoch, JsonlLog, KeepBestAdapte
 from glmtune.train.checkpoints import complete_checkpoints, staged_folder
 from glmtune.train.distributed import gathered, is_main_process, parameter_count
 from glmtune.train.oom import training_oom_message
+from glmtune.train.peak_memory import PeakMemory
 from glmtune.train.plot import plot_loss
-from glmtune.train.recipe import Prepared, build_trainer, prepare
+from glmtune.train.recipe import Prepared, batching, build_trainer, prepare
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,23 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         trainable = _log_parameters(prepared)
         guard, progress = NonFiniteGuard(cfg.nonfinite, cfg.max_nonfinite_steps), ProgressBar()
         trainer = build_trainer(prepared, _callbacks(prepared, guard, progress))
+        memory = PeakMemory(str(trainer.args.device))
+        memory.start()
         train_output = _train(prepared, trainer, guard, progress)
-        return _finish(prepared, trainer, train_output, guard, trainable)
+        usage = _batches_and_memory(prepared, trainer, memory)
+        return _finish(prepared, trainer, train_output, guard, trainable, usage)
+
+
+def _batches_and_memory(prepared: Prepared, trainer, memory: PeakMemory) -> dict[str, Any]:
+    """What the training batches wasted on padding and the peak memory of training, logged and returned
+    for metrics.json (this process's figures)."""
+    share, peak = trainer.padding_share(), memory.peak_bytes()
+    usage = {"batching": batching(prepared.cfg), "padding_share": share, **trainer.batch_tokens,
+             "peak_memory_bytes": peak, "peak_memory_kind": memory.describe(),
+             "gradient_checkpointing": prepared.recompute.to_dict()}
+    log.info("training: %s batches, %s padding; peak memory %.2f GiB (%s)", usage["batching"],
+             "no" if share is None else f"{share:.1%}", peak / 2**30, usage["peak_memory_kind"])
+    return usage
 
 
 def _log_parameters(prepared: Prepared) -> int:
@@ -130,7 +146,8 @@ def _train(prepared: Prepared, trainer, guard: NonFiniteGuard, progress: Progres
     return train_output
 
 
-def _finish(prepared: Prepared, trainer, train_output, guard: NonFiniteGuard, trainable: int) -> TrainResult:
+def _finish(prepared: Prepared, trainer, train_output, guard: NonFiniteGuard, trainable: int,
+            usage: dict[str, Any]) -> TrainResult:
     """The final evaluation and adapter, metrics.json, the loss plot and (eval_generate) report.md."""
     cfg, out, model = prepared.cfg, prepared.out, prepared.model
     eval_metrics: dict[str, Any] = {}
@@ -158,6 +175,7 @@ def _finish(prepared: Prepared, trainer, train_output, guard: NonFiniteGuard, tr
         "world_size": prepared.args.world_size,  # processes that trained together (torchrun, --nproc)
         "trainable_parameters": trainable,
         "nonfinite_steps_skipped": guard.skipped,
+        "batches_and_memory": usage,
         "truncation": {"train": _report_dict(train_report), **({"dev": _report_dict(dev_report)} if dev_report else {})},
     }
     if is_main_process():
