@@ -85,7 +85,8 @@ def plan_recompute(model, *, requested: bool | None, budget_gib: float | None, d
     """What `gradient_checkpointing` (`requested`: True, False or None for auto) comes to for this model,
     data and device. `masked`: whether a mask reaches attention (default: with padding or several samples in
     a row; attention one sample at a time passes none)."""
-    layers = decoder_layers(model) or model_shape(model).layers
+    checkpointable = decoder_layers(model)  # 0: transformers cannot checkpoint this model layer by layer
+    layers = checkpointable or model_shape(model).layers
     if requested is not None:
         return RecomputePlan(layers if requested else 0, layers, 1 if requested else None, None, None,
                              f"gradient_checkpointing {str(requested).lower()}")
@@ -110,7 +111,7 @@ def plan_recompute(model, *, requested: bool | None, budget_gib: float | None, d
     except (AttributeError, TypeError, ValueError) as e:  # an architecture whose config the estimate cannot read
         return RecomputePlan(0, layers, None, None, budget, f"no memory estimate for this model ({e})")
     where = f"{budget_gib:.1f} GiB, {source}"
-    if kept <= budget or decoder_layers(model) == 0:
+    if kept <= budget or not checkpointable:
         return RecomputePlan(0, layers, None, kept, budget,
                              f"the worst step ({rows} x {length} tokens) needs about {kept / GIB:.2f} GiB, within "
                              f"the budget ({where})")
