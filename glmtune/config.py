@@ -27,7 +27,13 @@ from glmtune.files import MAX_NESTING, NestingError, loads, read_text
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "ptuning": 2e-2}
+DEFAULT_WARMUP_RATIO = 0.05
+ALPHA_PER_RANK = 2.0  # lora_alpha's default: twice the rank, so the update's scale stays 2 at any rank
+
+
+def lora_alpha_of(options) -> float:
+    """lora_alpha as given, else the default for the rank (for options resolve has not seen yet)."""
+    return options.lora_alpha if options.lora_alpha is not None else ALPHA_PER_RANK * options.lora_rank
 # metric_for_best: eval loss (lower is better) or a generated-answer metric (higher is better)
 BEST_METRICS = ("eval_loss", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "extraction_f1",
                 "classification_accuracy", "classification_micro_f1")
@@ -113,10 +119,26 @@ class MethodOptions:
     method: str = option("lora", "Fine-tuning method: lora, qlora (LoRA over a 4-bit NF4 or 8-bit bitsandbytes "
                          "base), or ptuning (P-Tuning v2: a trained key/value prefix in every layer).",
                          choices=("lora", "qlora", "ptuning"))
-    lora_rank: int = option(8, "LoRA rank r.", minimum=1)
-    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank.", above=0)
-    lora_dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.99)
-    lora_target: str = option("auto", "Modules to adapt: auto (the family's default), all-linear, or comma-separated names.")
+    lora_rank: int = option(16, "LoRA rank r.", minimum=1)
+    lora_alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) "
+                                      "with use_rslora). Default twice lora_rank.", above=0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.", minimum=0, maximum=0.99)
+    lora_target: str = option("all-linear", "Modules to adapt: all-linear (every linear layer of the decoder), "
+                              "auto (the family's official targets, e.g. query_key_value for ChatGLM, q_proj,v_proj "
+                              "for Llama-like models), or comma-separated names.")
+    use_rslora: bool = option(False, "rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, so "
+                              "high ranks keep learning (peft's use_rslora).")
+    use_dora: bool = option(False, "DoRA: train each adapted weight's magnitude apart from its LoRA direction "
+                            "(peft's use_dora; slower steps, not over ChatGLM's own int8/int4 layout).")
+    loraplus_lr_ratio: float | None = option(None, "LoRA+: train LoRA's B matrices at this multiple of "
+                                             "learning_rate (the paper suggests 16); unset, A and B share it.",
+                                             minimum=1)
+    lora_init: str = option("default", "How LoRA's matrices start: default (A random, B zero: the update starts at "
+                            "zero), gaussian, pissa (A and B from the weight's principal singular vectors, fast "
+                            "SVD with 16 iterations; the rest stays in the base), or olora (from a QR "
+                            "decomposition). pissa and olora need an unquantized base; the saved adapter is "
+                            "converted to apply to the original base.",
+                            choices=("default", "gaussian", "pissa", "olora"))
     pre_seq_len: int = option(128, "P-Tuning v2: prefix length in tokens (the official tutorials use 128); given "
                               "without method, it selects method ptuning, as the official ptuning/ scripts do.",
                               minimum=1)
@@ -136,10 +158,13 @@ class TrainingOptions:
     batch_size: int = option(4, "Training samples per device per step.", minimum=1)
     eval_batch_size: int = option(8, "Samples per device per evaluation step.", minimum=1)
     gradient_accumulation_steps: int = option(1, "Batches accumulated into one optimizer step.", minimum=1)
-    learning_rate: float | None = option(None, "Peak learning rate of the optimizer; default 2e-4 for LoRA and QLoRA, 2e-2 "
-                                         "for P-Tuning v2 (the official recipes).", above=0)
+    learning_rate: float | None = option(None, "Peak learning rate of the optimizer. Default by method and model "
+                                         "size: P-Tuning v2 2e-2 (the official recipe); LoRA and QLoRA 2e-3 up to "
+                                         "135M parameters, falling log-linearly to 2e-4 at 7B and 1e-4 from about "
+                                         "23B (docs/training.md#defaults).", above=0)
     lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
-    warmup_ratio: float = option(0.0, "Fraction of the steps spent warming the learning rate up from 0.", minimum=0, maximum=1)
+    warmup_ratio: float | None = option(None, "Fraction of the steps spent warming the learning rate up from 0; "
+                                        "default 0.05, or 0 when warmup_steps is given.", minimum=0, maximum=1)
     warmup_steps: int = option(0, "Steps spent warming the learning rate up from 0 (a count; give this or "
                                "warmup_ratio, not both).", minimum=0)
     optim: str = option("adamw_torch_fused", "Optimizer: adamw_torch_fused (AdamW in PyTorch's fused kernel, the "
@@ -152,6 +177,10 @@ class TrainingOptions:
     nonfinite: str = option("skip", "A step whose loss or gradients are NaN or infinite: skip (drop its update, count "
                             "it, go on) or stop (at once, keeping the last checkpoint).", choices=("skip", "stop"))
     max_nonfinite_steps: int = option(10, "Stop when this many steps in a row were not finite.", minimum=1)
+    neftune_noise_alpha: float | None = option(None, "NEFTune: add uniform noise to the input embeddings while "
+                                               "training, scaled by alpha / sqrt(length x hidden size) with each "
+                                               "sample's own length (the paper tries 5 to 15); unset, no noise.",
+                                               above=0)
     seed: int = option(42, "Random seed for initialisation, shuffling and dropout.")
     logging_steps: int = option(10, "Log loss, learning rate and speed every N steps.", minimum=1)
     eval_steps: int = option(0, "Evaluate on dev_file every N steps (0: only at the end of each epoch).", minimum=0)
@@ -200,7 +229,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     work refused: the one place train, bench, `--dry-run` and resolved_config.yaml take them from.
     Resolving a resolved config changes nothing.
 
-    - learning_rate: the method's default (DEFAULT_LEARNING_RATES) when not given;
+    - learning_rate stays unset when not given: its default depends on the model's size, known once the
+      model is built (glmtune.train.size_defaults);
+    - lora_alpha: twice lora_rank when not given; warmup_ratio: DEFAULT_WARMUP_RATIO unless warmup_steps;
+    - the LoRA variants (use_dora, use_rslora, loraplus_lr_ratio, lora_init) belong to LoRA and QLoRA, and
+      pissa/olora need an unquantized base;
     - quantization_bit and quantization_backend: QLoRA is LoRA over a bitsandbytes base, 4-bit unless
       quantization_bit says 8; the other methods quantize only when quantization_bit is set (the
       family-dependent `auto` backend is worked out once the model's family is known);
@@ -219,7 +252,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                          ("eval_generate", cfg.eval_generate)) if used]
     if needs_dev and not cfg.dev_file:
         raise GlmtuneError(f"{', '.join(needs_dev)} need(s) dev_file")
-    return dataclasses.replace(cfg, learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATES[cfg.method],
+    variants = [name for name, used in (("use_dora", cfg.use_dora), ("use_rslora", cfg.use_rslora),
+                                        ("loraplus_lr_ratio", cfg.loraplus_lr_ratio is not None),
+                                        ("lora_init", cfg.lora_init != "default")) if used]
+    if variants and cfg.method == "ptuning":
+        raise GlmtuneError(f"{', '.join(variants)} belong(s) to LoRA; method ptuning trains a prefix instead")
+    if cfg.lora_init in ("pissa", "olora") and bits:
+        raise GlmtuneError(f"lora_init {cfg.lora_init} starts LoRA from the base's own weights, which needs them "
+                           f"unquantized; use lora_init default with a {bits}-bit base")
+    if cfg.warmup_ratio is None:
+        warmup_ratio = 0.0 if cfg.warmup_steps else DEFAULT_WARMUP_RATIO
+    else:
+        warmup_ratio = cfg.warmup_ratio
+    return dataclasses.replace(cfg, lora_alpha=lora_alpha_of(cfg), warmup_ratio=warmup_ratio,
                                quantization_bit=bits, quantization_backend=backend,
                                padding_free=cfg.padding_free and not cfg.packing)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
 
 # The official remote code's attention projection per family, and its output size from the config.
@@ -145,7 +145,7 @@ def _glmtune_lora(base: Path, out: Path) -> Path:
     from glmtune.models.loader import fingerprint, load_model
 
     loaded = load_model(str(base))
-    options = SimpleNamespace(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all-linear")
+    options = TrainConfig(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all-linear")
     method = LoraMethod()
     model = method.apply(loaded.model, options, loaded.family)
     torch.manual_seed(7)

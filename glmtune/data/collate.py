@@ -13,6 +13,9 @@ from glmtune.data.preprocess import IGNORE_INDEX
 
 # Key of the batch's real (non-padding) token count; the trainer takes it out before the model sees the batch.
 REAL_TOKENS = "glmtune_real_tokens"
+# Key of each token's sample length ([rows, sequence], 0 for padding), written with REAL_TOKENS for NEFTune's
+# noise scale (glmtune.train.neftune); also taken out before the model sees the batch.
+SAMPLE_LENGTHS = "glmtune_sample_lengths"
 
 
 @dataclass
@@ -49,6 +52,7 @@ class PadCollator:
         tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         if self.count_tokens:
             tensors[REAL_TOKENS] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+            tensors[SAMPLE_LENGTHS] = tensors["attention_mask"] * tensors["attention_mask"].sum(1, keepdim=True)
         return tensors
 
     def _pad(self, values: list[int], fill_value: int, count: int) -> list[int]:
@@ -105,4 +109,8 @@ class PackCollator:
         batch = {"input_ids": input_ids, "labels": labels, **self.layout(input_ids, lengths)}
         if self.count_tokens:
             batch[REAL_TOKENS] = torch.tensor(sum(sum(n) for n in lengths))
+            sample_lengths = torch.zeros_like(input_ids)
+            for i, row in enumerate(lengths):
+                sample_lengths[i, :sum(row)] = torch.repeat_interleave(torch.tensor(row), torch.tensor(row))
+            batch[SAMPLE_LENGTHS] = sample_lengths
         return batch

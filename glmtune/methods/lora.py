@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from glmtune.config import lora_alpha_of
 from glmtune.errors import GlmtuneError, one_line
 from glmtune.families import family_facts, is_native
 from glmtune.files import read_json_object
@@ -25,18 +26,39 @@ def target_modules(option: str, family: str) -> list[str] | str | None:
     return names
 
 
+# glmtune's lora_init -> peft's init_lora_weights ("pissa_niter_16": PiSSA by a fast randomized SVD of 16
+# subspace iterations, as LLaMA-Factory's default, instead of a full SVD of every weight)
+PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora"}
+# lora_init values that move part of each weight into the adapter: the base in memory is then no longer the
+# original, and the saved adapter must be converted to apply to the original base
+MUTATING_INIT = ("pissa", "olora")
+
+
 class LoraMethod:
     name = "lora"
 
     def parameters(self, options, family: str) -> dict[str, Any]:
-        return {"rank": options.lora_rank, "alpha": options.lora_alpha, "dropout": options.lora_dropout,
-                "target": options.lora_target}
+        parameters = {"rank": options.lora_rank, "alpha": lora_alpha_of(options), "dropout": options.lora_dropout,
+                      "target": options.lora_target}
+        # recorded only when used, so adapters of plain LoRA keep the record they always had
+        for name, value, plain in (("use_rslora", options.use_rslora, False), ("use_dora", options.use_dora, False),
+                                   ("lora_init", options.lora_init, "default")):
+            if value != plain:
+                parameters[name] = value
+        return parameters
 
     def apply(self, model, options, family: str):
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                            target_modules=target_modules(options.lora_target, family), task_type="CAUSAL_LM")
+        from glmtune.models.quantization import has_quantized_modules
+
+        if options.use_dora and has_quantized_modules(model):
+            raise GlmtuneError("use_dora is not available over ChatGLM's own int8/int4 layout; quantize with "
+                               "quantization_backend bitsandbytes, or train plain LoRA")
+        config = LoraConfig(r=options.lora_rank, lora_alpha=lora_alpha_of(options), lora_dropout=options.lora_dropout,
+                            target_modules=target_modules(options.lora_target, family), task_type="CAUSAL_LM",
+                            use_rslora=options.use_rslora, use_dora=options.use_dora,
+                            init_lora_weights=PEFT_INIT[options.lora_init])
         fit_quantized(model, config)
         try:
             adapted = get_peft_model(model, config)
@@ -44,10 +66,16 @@ class LoraMethod:
             raise GlmtuneError(f"cannot apply LoRA ({e}); set lora_target to module names of this model, "
                                "or all-linear") from None
         share_input_dropout(adapted)  # one dropout mask per input, drawn more cheaply (methods/lora_dropout.py)
+        if options.lora_init in MUTATING_INIT:
+            _keep_initial_adapter(adapted)
         return adapted
 
     def save(self, model, directory: Path) -> None:
-        model.save_pretrained(directory)
+        initial = getattr(model, INITIAL_ADAPTER, None)
+        if initial is not None:  # PiSSA / OLoRA: saved as a LoRA of twice the rank over the original base
+            model.save_pretrained(directory, path_initial_model_for_weight_conversion=initial.name)
+        else:
+            model.save_pretrained(directory)
         (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model card template, not ours
 
     def load(self, model, directory: Path, info: dict[str, Any]):
@@ -87,6 +115,21 @@ class QLoraMethod(LoraMethod):
         if not is_bitsandbytes_model(model):
             raise GlmtuneError("method qlora needs a base loaded through bitsandbytes (quantization_bit 4 or 8)")
         return super().apply(model, options, family)
+
+
+INITIAL_ADAPTER = "glmtune_initial_adapter"
+
+
+def _keep_initial_adapter(model) -> None:
+    """PiSSA and OLoRA start LoRA from part of each weight and leave the rest in the base (in memory). Their
+    starting adapter is written to a temporary folder the process removes on exit, so every save can convert
+    the trained adapter (peft's path_initial_model_for_weight_conversion) into one for the original base;
+    a resumed run rebuilds the same start from the same seed."""
+    import tempfile
+
+    folder = tempfile.TemporaryDirectory(prefix="glmtune-lora-init-")
+    model.save_pretrained(folder.name)
+    setattr(model, INITIAL_ADAPTER, folder)
 
 
 def read_lora_config(directory):

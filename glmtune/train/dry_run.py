@@ -24,6 +24,7 @@ from glmtune.models.loader import (WEIGHT_PATTERNS, LoadedModel, default_device,
                                    native_classes, read_model_config, resolve_dtype, stop_token_ids)
 from glmtune.train.memory import MemoryEstimate, estimate_training_memory
 from glmtune.train.recompute import worst_batch
+from glmtune.train.size_defaults import with_size_defaults
 from glmtune.train.recipe import (check_report_to, length_limits, load_data, requested_quantization, resolved_config,
                                   training_arguments)
 from glmtune.train.run_folder import check_output_dir, default_output_dir
@@ -244,6 +245,7 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
 
     model = _empty_model(path, family, resolve_dtype(cfg.dtype, default_device()))
     loaded = LoadedModel(model, tokenizer, family, path, cfg.model, quantization)
+    cfg = with_size_defaults(cfg, args, model)
     # QLoRA's adapter is LoRA's; only the (here unbuilt) base differs, so the meta model takes plain LoRA
     adapted = get_method("lora" if cfg.method == "qlora" else cfg.method).apply(model, cfg, family)
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)

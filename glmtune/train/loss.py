@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from glmtune.data.collate import REAL_TOKENS
+from glmtune.data.collate import REAL_TOKENS, SAMPLE_LENGTHS
 from glmtune.data.preprocess import IGNORE_INDEX
 from glmtune.train.checkpoints import AtomicCheckpoints
+from glmtune.train.neftune import EmbeddingNoise
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ def labelled_positions_loss(model, inputs: dict[str, torch.Tensor], num_items: i
 
 
 def model_inputs(batch: dict) -> dict:
-    """The batch without glmtune's own bookkeeping (the real-token count), as the model takes it."""
-    return {k: v for k, v in batch.items() if k != REAL_TOKENS}
+    """The batch without glmtune's own bookkeeping (real-token count, sample lengths), as the model takes it."""
+    return {k: v for k, v in batch.items() if k not in (REAL_TOKENS, SAMPLE_LENGTHS)}
 
 
 class LabelledLossTrainer(AtomicCheckpoints, Trainer):
@@ -122,8 +123,12 @@ class LabelledLossTrainer(AtomicCheckpoints, Trainer):
     `labelled_logits=False` keeps the model's own loss (logits at every position), for comparisons.
     Checkpoints are written atomically (glmtune.train.checkpoints)."""
 
-    def __init__(self, *args, answer_metrics=None, labelled_logits: bool = True, eval_collator=None, **kwargs):
+    def __init__(self, *args, answer_metrics=None, labelled_logits: bool = True, eval_collator=None,
+                 loraplus_lr_ratio: float | None = None, neftune_noise_alpha: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        # glmtune's NEFTune, not the Trainer's (whose scale would count a padding-free row as one sample)
+        self.embedding_noise = EmbeddingNoise(self.model, neftune_noise_alpha) if neftune_noise_alpha else None
         self.eval_collator = eval_collator  # evaluation batches' own collator; default the training one
         self.batch_tokens = {"real": 0, "in_batches": 0}  # this process's training batches, padding included
         # DeepSpeed ZeRO and FSDP hold the weights sharded and gather each module's in its forward: the output
@@ -171,6 +176,19 @@ class LabelledLossTrainer(AtomicCheckpoints, Trainer):
         os.makedirs(output_dir, exist_ok=True)
         save_file(trained, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
 
+    def create_optimizer(self, model=None):
+        """LoRA+: peft's optimizer with B's learning rate loraplus_lr_ratio times A's, of the optimizer class and
+        settings the Trainer would use."""
+        if self.loraplus_lr_ratio and self.optimizer is None:
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+            self.optimizer = create_loraplus_optimizer(self.model, optimizer_cls, lr=self.args.learning_rate,
+                                                       loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                       loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return super().create_optimizer(model)
+
     def _check_fast_loss(self, model, inputs) -> bool:
         # two rows are enough, unless the batch says where its samples start (those offsets span every row)
         sample = inputs if "cu_seq_lens_q" in inputs else {k: v[:2] for k, v in inputs.items()}
@@ -186,6 +204,8 @@ class LabelledLossTrainer(AtomicCheckpoints, Trainer):
         return same
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.embedding_noise is not None:
+            self.embedding_noise.take_lengths(inputs)
         inputs = model_inputs(inputs)
         # A wrapper (DDP, DeepSpeed, FSDP, DataParallel) does its work in its own forward (DDP arms its
         # gradient all-reduce there): running the decoder inside it directly would skip that, so a wrapped

@@ -40,6 +40,7 @@ from glmtune.train.loss import LabelledLossTrainer
 from glmtune.train.memory import GIB
 from glmtune.train.recompute import RecomputePlan, checkpointing_arguments, plan_recompute
 from glmtune.train.run_folder import RunFolder, default_output_dir
+from glmtune.train.size_defaults import with_size_defaults
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def check_optimizer(optim: str) -> None:
 def training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
     from transformers import TrainingArguments
 
-    cfg = resolve(cfg)  # unchanged when already resolved (prepare, dry_run); the method's learning rate otherwise
+    cfg = resolve(cfg)  # unchanged when already resolved (prepare, dry_run)
     on_gpu = torch.cuda.is_available()
     if cfg.warmup_steps and cfg.warmup_ratio:
         raise GlmtuneError(f"warmup_steps ({cfg.warmup_steps}) and warmup_ratio ({cfg.warmup_ratio}) are both set; "
@@ -126,7 +127,8 @@ def training_arguments(cfg: TrainConfig, out: Path, has_dev: bool):
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
+        # unset, the learning rate depends on the model's size: set once it is built (train/size_defaults.py)
+        **({"learning_rate": cfg.learning_rate} if cfg.learning_rate is not None else {}),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         num_train_epochs=cfg.num_train_epochs,
@@ -257,7 +259,9 @@ def resolved_config(cfg: TrainConfig, args, out: Path, loaded: LoadedModel, temp
     peft_config = getattr(model, "peft_config", {}).get("default")
     if peft_config is not None and cfg.lora_target in ("auto", "all-linear"):
         targets = peft_config.target_modules
-        used["lora_target"] = targets if isinstance(targets, str) else ",".join(sorted(targets))
+        # peft spells all-linear out as every module's full path: the layer names say the same, shorter
+        used["lora_target"] = targets if isinstance(targets, str) else ",".join(sorted({t.split(".")[-1]
+                                                                                       for t in targets}))
     if cfg.method == "ptuning" and cfg.prefix_projection and cfg.prefix_hidden_size is None:
         encoder = next((m for m in model.modules() if isinstance(m, PrefixEncoder)), None)
         if encoder is not None:
@@ -323,6 +327,7 @@ def prepare(cfg: TrainConfig, loaded: LoadedModel | None = None, *, load: Callab
             PACK_TRANSFORMERS, PACK_POSITIONS) and use_segment_attention(loaded.model):
         log.info("attention one sample at a time in packed rows (%s)", SEGMENT_ATTENTION)
 
+    cfg = with_size_defaults(cfg, args, loaded.model)  # before the method adds its own parameters
     method = get_method(cfg.method)
     parameters = method.parameters(cfg, loaded.family)
     model = method.apply(loaded.model, cfg, loaded.family)
@@ -372,6 +377,8 @@ def build_trainer(prepared: Prepared, callbacks: list, *, collator=None, labelle
             answer_metrics=_answer_metrics(cfg, prepared.loaded, prepared.template.name, prepared.dev_samples)
             if cfg.metric_for_best != "eval_loss" else None,
             labelled_logits=labelled_logits,
+            loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+            neftune_noise_alpha=cfg.neftune_noise_alpha,
         )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressBar and JsonlLog cover them
     return trainer

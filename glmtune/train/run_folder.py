@@ -59,7 +59,9 @@ def check_output_dir(directory: Path, *, overwrite: bool, resume: bool,
 
 
 # What a checkpoint's weights depend on besides the base model, by method: --resume needs the same values.
-RESUME_KEYS = {"lora": ("lora_rank", "lora_target"), "qlora": ("lora_rank", "lora_target"),
+# (use_rslora changes the scale, lora_init pissa/olora the base itself, without changing any shape.)
+LORA_RESUME_KEYS = ("lora_rank", "lora_target", "use_dora", "use_rslora", "lora_init")
+RESUME_KEYS = {"lora": LORA_RESUME_KEYS, "qlora": LORA_RESUME_KEYS,
                "ptuning": ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
 
 
@@ -67,7 +69,9 @@ def _same_setting(key: str, then: Any, now: Any) -> bool:
     if now is None or now in ("auto", "all-linear") or then is None or then in ("auto", "all-linear"):
         return True  # not worked out yet: compared again once the model is built (resolved values)
     if key == "lora_target":
-        return {t.strip() for t in str(then).split(",")} == {t.strip() for t in str(now).split(",")}
+        # by layer name: runs before glmtune shortened them recorded every module's full path
+        return {t.strip().split(".")[-1] for t in str(then).split(",")} == \
+            {t.strip().split(".")[-1] for t in str(now).split(",")}
     return then == now
 
 
