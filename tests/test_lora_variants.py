@@ -218,3 +218,16 @@ def test_resume_needs_the_same_variant(tmp_path):
     check_resumed_setup(tmp_path, resolve(TrainConfig(train_file="x.jsonl", lora_init="pissa", lora_target="q_proj")))
     with pytest.raises(GlmtuneError, match="trained with lora_init 'pissa'"):
         check_resumed_setup(tmp_path, resolve(TrainConfig(train_file="x.jsonl", lora_target="q_proj")))
+
+
+@pytest.mark.parametrize("family, method", [("chatglm", "ptuning"), ("chatglm2", "lora"), ("glm4", "lora")])
+def test_neftune_reaches_every_family_and_method(tmp_path, tiny_family_dir, small_data, family, method):
+    from glmtune.train.recipe import build_trainer, prepare
+
+    cfg = TrainConfig(model=str(tiny_family_dir(family)), train_file=str(small_data[0]), method=method,
+                      pre_seq_len=4, neftune_noise_alpha=5.0, max_steps=1, batch_size=2,
+                      output_dir=str(tmp_path / "out"), save_strategy="no", max_train_samples=4)
+    prepared = prepare(cfg, progress=False)
+    trainer = build_trainer(prepared, [])
+    trainer.train()
+    assert trainer.embedding_noise.calls >= 1
