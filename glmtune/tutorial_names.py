@@ -127,6 +127,12 @@ _TABLE = [
     # method
     _renamed("use_lora", "method", convert=_when_true("lora"), flag=True),
     _renamed("use_ptuning", "method", convert=_when_true("ptuning"), flag=True),
+    # LLaMA-Factory's PiSSA switch and peft's own name for the initialisation
+    _renamed("pissa_init", "lora_init", convert=_when_true("pissa"), flag=True),
+    _renamed("init_lora_weights", "lora_init",
+             convert=_choice({"true": "default", "gaussian": "gaussian", "pissa": "pissa", "pissa_niter_16": "pissa",
+                              "olora": "olora", "false": None, "loftq": None, "eva": None, "corda": None},
+                             "glmtune starts LoRA with lora_init default, gaussian, pissa or olora")),
     _renamed("finetuning_type", "method",
              convert=_choice({"lora": "lora", "qlora": "qlora", "p_tuning": "ptuning", "ptuning": "ptuning",
                               "freeze": None, "full": None}, _FULL)),
@@ -211,7 +217,8 @@ SAME_NAMES = ("output_dir", "train_file", "prompt_column", "response_column", "m
               "num_train_epochs", "max_steps", "gradient_accumulation_steps", "learning_rate", "weight_decay",
               "max_grad_norm", "warmup_ratio", "warmup_steps", "logging_steps", "eval_steps", "save_strategy",
               "save_steps", "save_total_limit", "seed", "gradient_checkpointing", "dataloader_num_workers",
-              "group_by_length", "deepspeed", "report_to", "optim")
+              "group_by_length", "deepspeed", "report_to", "optim", "use_rslora", "use_dora", "loraplus_lr_ratio",
+              "neftune_noise_alpha")
 
 
 def _flatten(raw: dict) -> Iterator[tuple[str, Any]]:

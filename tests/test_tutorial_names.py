@@ -69,6 +69,8 @@ MAPPED = {
     "optim": ("adamw_hf", "adamw_hf", "optim", "adamw_torch"),
     "evaluation_strategy": ("no", "no", "eval_each_epoch", False),
     "eval_strategy": ("no", "no", "eval_each_epoch", False),
+    "pissa_init": (True, "true", "lora_init", "pissa"),
+    "init_lora_weights": ("olora", "olora", "lora_init", "olora"),
 }
 # Accepted and ignored, with a note saying what glmtune does instead
 NOTED = ["do_train", "do_eval", "do_predict", "test_file", "predict_with_generate", "remove_unused_columns",
@@ -124,7 +126,7 @@ def test_a_tutorial_name_is_read_as_glmtunes_option_everywhere(name, tmp_path, c
         assert f"reading {name}" in caplog.text and option in caplog.text
 
 
-@pytest.mark.parametrize("name", ["fp16", "bf16", "use_lora", "use_ptuning", "load_in_8bit", "overwrite_output_dir"])
+@pytest.mark.parametrize("name", ["fp16", "bf16", "use_lora", "use_ptuning", "load_in_8bit", "overwrite_output_dir", "pissa_init"])
 def test_switches_stand_alone_on_the_command_line_and_false_sets_nothing(name):
     _, _, option, expected = MAPPED[name]
     assert getattr(_from_command_line([f"--{name}", "--max_steps", "3"]), option) == expected
