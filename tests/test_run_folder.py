@@ -56,11 +56,11 @@ def _truncate(path: Path) -> None:
 
 
 @pytest.mark.parametrize("options, damage, expected", [
-    (["--lora-rank", "4"], None, ["run was trained with lora_rank 8", "asks for 4"]),
+    (["--lora-rank", "4"], None, ["run was trained with lora_rank 16", "asks for 4"]),
     (["--method", "ptuning"], None, ["method 'lora'", "'ptuning'"]),
-    (["--lora-target", "q_proj"], None, ["lora_target 'q_proj,v_proj'", "'q_proj'"]),
+    (["--lora-target", "q_proj"], None, ["lora_target 'down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj'", "'q_proj'"]),
     (["--lora-rank", "4"], lambda run: (run / "resolved_config.yaml").unlink(),  # only the weights can tell
-     ["checkpoint-2 (8 tensors) do not fit"]),
+     ["checkpoint-2 (28 tensors) do not fit"]),
     ([], lambda run: _truncate(run / "checkpoint-2" / "optimizer.pt"), ["checkpoint-2/optimizer.pt", "damaged"]),
     ([], lambda run: _truncate(run / "checkpoint-2" / "adapter_model.safetensors"),
      ["adapter_model.safetensors cannot be read", "resume from checkpoint-1"]),
