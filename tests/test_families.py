@@ -27,7 +27,8 @@ def test_glm4_hf_checkpoints_train_with_lora_on_their_projections(model_type, tm
     tokenizer.save_pretrained(tmp_path / "model")
     train, dev = small_data
     result = run_training(TrainConfig(model=str(tmp_path / "model"), train_file=str(train),
-                                      output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4))
+                                      output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4,
+                                      lora_target="auto"))  # the family's own targets
     info = read_adapter_info(result.adapter_dir)
     assert info["family"] == "glm4"
     targets = json.loads((result.adapter_dir / "adapter_config.json").read_text())["target_modules"]

@@ -302,12 +302,12 @@ def test_dry_run_on_the_default_model(tmp_path, small_data, default_model_dir, c
     train, dev = small_data
     out = tmp_path / "run"
     code = main(["train", f"train_file={train}", f"dev_file={dev}", f"output_dir={out}", "batch_size=4",
-                 "gradient_accumulation_steps=2", "num_train_epochs=3", "lora_rank=4", "save_steps=2",
-                 "--dry-run"])
+                 "gradient_accumulation_steps=2", "num_train_epochs=3", "lora_rank=4", "lora_target=auto",
+                 "save_steps=2", "--dry-run"])
     output = capsys.readouterr().out
     assert code == 0, output
     resolved = resolved_yaml(output)
-    assert resolved["model"] == "smollm2-135m" and resolved["learning_rate"] == 2e-4  # LoRA's default
+    assert resolved["model"] == "smollm2-135m" and resolved["learning_rate"] == 2e-3  # LoRA's default at 135M
     assert resolved["precision"] == "fp32" and resolved["template"] in ("chat", "plain")
     # LoRA's default targets for Llama (q_proj, v_proj) at r 4 on the 30-layer, 576-wide model (3 kv heads of 64)
     config = json.loads((default_model_dir / "config.json").read_text())
