@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_WARMUP_RATIO = 0.05
+# lora_init values that move part of each weight into the adapter (the base in memory is no longer the original)
+MUTATING_LORA_INIT = ("pissa", "olora")
 ALPHA_PER_RANK = 2.0  # lora_alpha's default: twice the rank, so the update's scale stays 2 at any rank
 
 
@@ -257,7 +259,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                         ("lora_init", cfg.lora_init != "default")) if used]
     if variants and cfg.method == "ptuning":
         raise GlmtuneError(f"{', '.join(variants)} belong(s) to LoRA; method ptuning trains a prefix instead")
-    if cfg.lora_init in ("pissa", "olora") and bits:
+    if cfg.lora_init in MUTATING_LORA_INIT and bits:
         raise GlmtuneError(f"lora_init {cfg.lora_init} starts LoRA from the base's own weights, which needs them "
                            f"unquantized; use lora_init default with a {bits}-bit base")
     if cfg.warmup_ratio is None:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from glmtune.config import lora_alpha_of
+from glmtune.config import MUTATING_LORA_INIT, lora_alpha_of
 from glmtune.errors import GlmtuneError, one_line
 from glmtune.families import family_facts, is_native
 from glmtune.files import read_json_object
@@ -29,9 +29,6 @@ def target_modules(option: str, family: str) -> list[str] | str | None:
 # glmtune's lora_init -> peft's init_lora_weights ("pissa_niter_16": PiSSA by a fast randomized SVD of 16
 # subspace iterations, as LLaMA-Factory's default, instead of a full SVD of every weight)
 PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora"}
-# lora_init values that move part of each weight into the adapter: the base in memory is then no longer the
-# original, and the saved adapter must be converted to apply to the original base
-MUTATING_INIT = ("pissa", "olora")
 
 
 class LoraMethod:
@@ -66,7 +63,7 @@ class LoraMethod:
             raise GlmtuneError(f"cannot apply LoRA ({e}); set lora_target to module names of this model, "
                                "or all-linear") from None
         share_input_dropout(adapted)  # one dropout mask per input, drawn more cheaply (methods/lora_dropout.py)
-        if options.lora_init in MUTATING_INIT:
+        if options.lora_init in MUTATING_LORA_INIT:  # the saved adapter must be converted
             _keep_initial_adapter(adapted)
         return adapted
 
