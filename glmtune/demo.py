@@ -95,7 +95,9 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
     examples = _pick_examples(dev, before, after)
     minutes = (time.perf_counter() - started) / 60
     used = yaml.safe_load((out / "run" / "resolved_config.yaml").read_text(encoding="utf-8"))
-    setup = [f"model: {model}; LoRA rank {used['lora_rank']} on {used['lora_target']} layers (glmtune's defaults)",
+    scaling = " with rsLoRA scaling" if used["use_rslora"] else ""
+    setup = [f"model: {model}; LoRA rank {used['lora_rank']}{scaling} on {used['lora_target']} layers "
+             "(glmtune's defaults)",
              f"training: {recipe['max_steps']} steps of {recipe['batch_size']} samples from {train_file.name} "
              f"(400 rows), learning rate {used['learning_rate']:g}",
              f"evaluation: {len(dev)} rows of {dev_file.name}, greedy decoding, at most {MAX_NEW_TOKENS} new tokens",
@@ -104,9 +106,10 @@ def run_demo(*, model: str = DEFAULT_MODEL, output_dir: str | None = None, max_s
              "run/train_log.jsonl", "run/metrics.json", "demo_metrics.json"]
     report = write_report(out / "report.md", title="glmtune demo: LoRA on the sample data", setup=setup,
                           before=scores_before, after=scores_after, examples=examples, files=files)
+    settings = ("learning_rate", "lora_rank", "lora_alpha", "use_rslora", "lora_target", "lr_scheduler",
+                "warmup_ratio")
     summary = {"before": scores_before, "after": scores_after, "minutes": minutes,
-               "recipe": dict(recipe, **{k: used[k] for k in ("learning_rate", "lora_rank", "lora_alpha",
-                                                                "lora_target", "lr_scheduler", "warmup_ratio")}),
+               "recipe": dict(recipe, **{k: used[k] for k in settings}),
                "dev_samples": len(dev)}
     (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

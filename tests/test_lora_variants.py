@@ -33,11 +33,21 @@ def _lora_layers(model):
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_model_dir):
-    plain, _, _ = _adapted(tiny_model_dir, lora_rank=16)
+    plain, _, _ = _adapted(tiny_model_dir, lora_rank=16, use_rslora=False)
     rs, _, _ = _adapted(tiny_model_dir, lora_rank=16, use_rslora=True)
     assert plain.peft_config["default"].lora_alpha == 32.0  # the default alpha: twice the rank
     assert {m.scaling["default"] for m in _lora_layers(plain).values()} == {2.0}
     assert {m.scaling["default"] for m in _lora_layers(rs).values()} == {32.0 / math.sqrt(16)}
+
+
+def test_rslora_is_on_by_default_only_while_alpha_is_the_default(tiny_model_dir):
+    default, _, cfg = _adapted(tiny_model_dir, lora_rank=16)
+    assert cfg.use_rslora is True and default.peft_config["default"].use_rslora
+    assert {m.scaling["default"] for m in _lora_layers(default).values()} == {8.0}  # 32 / sqrt(16)
+    chosen, _, cfg = _adapted(tiny_model_dir, lora_rank=8, lora_alpha=32.0)  # a tutorial's alpha keeps its meaning
+    assert cfg.use_rslora is False and {m.scaling["default"] for m in _lora_layers(chosen).values()} == {4.0}
+    assert resolve(TrainConfig(method="ptuning")).use_rslora is False  # not refused as a LoRA variant
+    assert resolve(resolve(TrainConfig())) == resolve(TrainConfig())
 
 
 def test_dora_trains_a_magnitude_per_output(tiny_model_dir):
@@ -159,7 +169,9 @@ def test_default_learning_rate_follows_the_model_size():
     assert default_learning_rate("lora", 6_243_584_000) == pytest.approx(2.1e-4)  # ChatGLM-6B
     assert 1.5e-4 < default_learning_rate("lora", 9_400_000_000) < 2e-4  # GLM-4-9B
     assert default_learning_rate("lora", 70_000_000_000) == 1e-4
-    assert default_learning_rate("ptuning", 135_000_000) == default_learning_rate("ptuning", 6e9) == 2e-2
+    assert default_learning_rate("ptuning", 135_000_000) == default_learning_rate("ptuning", 10_000) == 5e-2
+    assert default_learning_rate("ptuning", 6_200_000_000) == default_learning_rate("ptuning", 70e9) == 2e-2
+    assert 2e-2 < default_learning_rate("ptuning", 1_000_000_000) < 5e-2
 
 
 def test_quantized_layers_count_their_unpacked_weights(tiny_model_dir):
@@ -181,7 +193,7 @@ def test_resolved_config_shows_every_default_used(tmp_path, tiny_model_dir, smal
 
     used = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert used["learning_rate"] == 2e-3 and used["lora_alpha"] == 32.0 and used["warmup_ratio"] == 0.05
-    assert used["lora_rank"] == 16 and used["lora_dropout"] == 0.0
+    assert used["lora_rank"] == 16 and used["lora_dropout"] == 0.0 and used["use_rslora"] is True
     assert used["lora_target"] == "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"
     out2 = tmp_path / "given"
     assert main(["train", "--model", str(tiny_model_dir), "--train-file", str(small_data[0]), "--output-dir",
@@ -189,6 +201,7 @@ def test_resolved_config_shows_every_default_used(tmp_path, tiny_model_dir, smal
                  "--warmup-steps", "1", "--lora-alpha", "8"]) == 0
     used = yaml.safe_load((out2 / "resolved_config.yaml").read_text())
     assert (used["learning_rate"], used["warmup_ratio"], used["warmup_steps"], used["lora_alpha"]) == (5e-4, 0.0, 1, 8)
+    assert used["use_rslora"] is False
 
 
 @pytest.mark.parametrize("options, message", [

@@ -39,7 +39,8 @@ def test_adapter_folder_holds_only_the_adapter_and_describes_itself(trained_run,
     info = read_adapter_info(trained_run.adapter_dir)
     assert info["base_model"] == str(tiny_model_dir) and info["family"] == "generic"
     assert info["method"] == "lora" and info["template"] == "chat"
-    assert info["parameters"] == {"rank": 16, "alpha": 32.0, "dropout": 0.0, "target": "all-linear"}  # the defaults
+    assert info["parameters"] == {"rank": 16, "alpha": 32.0, "dropout": 0.0, "target": "all-linear",
+                                  "use_rslora": True}  # the defaults
     assert info["base_fingerprint"]["hidden_size"] == 64
     best = read_adapter_info(trained_run.best_dir)
     assert best["eval_loss"] == min(log_entries(trained_run.output_dir, "eval_loss"))
@@ -174,7 +175,7 @@ def test_resolved_config_records_the_values_the_run_used(tiny_model_dir, small_d
     run = train_tiny(tiny_model_dir, (small_data[0], None), tmp_path / "out", max_steps=1, method="ptuning",
                      pre_seq_len=4, prefix_projection=True)
     resolved = yaml.safe_load((run.output_dir / "resolved_config.yaml").read_text())
-    assert resolved["learning_rate"] == 2e-2  # P-Tuning's default; the run was not given one
+    assert resolved["learning_rate"] == 5e-2  # P-Tuning's default for a small model; the run was not given one
     assert (resolved["dtype"], resolved["precision"], resolved["template"]) == ("float32", "fp32", "chat")
     assert resolved["prefix_hidden_size"] == 64  # the tiny model's hidden size
     assert resolved["quantization_bit"] == 0 and resolved["output_dir"] == str(run.output_dir)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from glmtune.config import MUTATING_LORA_INIT, lora_alpha_of
+from glmtune.config import MUTATING_LORA_INIT, lora_alpha_of, rslora_of
 from glmtune.errors import GlmtuneError, one_line
 from glmtune.families import family_facts, is_native
 from glmtune.files import read_json_object
@@ -38,7 +38,7 @@ class LoraMethod:
         parameters = {"rank": options.lora_rank, "alpha": lora_alpha_of(options), "dropout": options.lora_dropout,
                       "target": options.lora_target}
         # recorded only when used, so adapters of plain LoRA keep the record they always had
-        for name, value, plain in (("use_rslora", options.use_rslora, False), ("use_dora", options.use_dora, False),
+        for name, value, plain in (("use_rslora", rslora_of(options), False), ("use_dora", options.use_dora, False),
                                    ("lora_init", options.lora_init, "default")):
             if value != plain:
                 parameters[name] = value
@@ -54,7 +54,7 @@ class LoraMethod:
                                "quantization_backend bitsandbytes, or train plain LoRA")
         config = LoraConfig(r=options.lora_rank, lora_alpha=lora_alpha_of(options), lora_dropout=options.lora_dropout,
                             target_modules=target_modules(options.lora_target, family), task_type="CAUSAL_LM",
-                            use_rslora=options.use_rslora, use_dora=options.use_dora,
+                            use_rslora=rslora_of(options), use_dora=options.use_dora,
                             init_lora_weights=PEFT_INIT[options.lora_init])
         fit_quantized(model, config)
         try:

@@ -1,14 +1,15 @@
 """Defaults that depend on the size of the model, worked out once the model is built (loaded for training,
 on the meta device for `--dry-run`).
 
-The learning rate of LoRA and QLoRA: small models need a much higher one than 6B-9B models. The rule is a
-straight line in log-log between two anchors, flat outside them:
-- 135M parameters: 2e-3, measured on the default model (docs/benchmarks.md, "Defaults: quality on the
-  tutorials' multi-task set": rank 16 on every linear layer, alpha 32);
-- 7B parameters: 2e-4, the QLoRA paper's rate for 7B and 13B models with LoRA on every linear layer, and
-  the common rate for ChatGLM-6B/GLM-4-9B LoRA;
-and never below 1e-4 (the QLoRA paper's rate for 33B and 65B models), which the line reaches at about 23B.
-P-Tuning v2 keeps the official ChatGLM recipe's 2e-2 at every size.
+The learning rate: small models need a much higher one than 6B-9B models. Each method's rule is a straight
+line in log-log between two anchors, flat outside them: a rate measured on the default model, and the rate
+the 6B-9B recipes use.
+- LoRA and QLoRA: 2e-3 at 135M parameters (docs/benchmarks.md, "Defaults: quality on the tutorials'
+  multi-task set": rank 16 on every linear layer, alpha 32); 2e-4 at 7B, the QLoRA paper's rate for 7B and
+  13B models with LoRA on every linear layer and the common rate for ChatGLM-6B/GLM-4-9B LoRA; never below
+  1e-4 (the QLoRA paper's rate for 33B and 65B models), which the line reaches at about 23B.
+- P-Tuning v2: 5e-2 at 135M (the best of 5e-3, 2e-2 and 5e-2 in docs/benchmarks.md, "LoRA variants and
+  P-Tuning settings"); 2e-2 at 6.2B, the official ChatGLM-6B ptuning/ recipe, and 2e-2 above.
 """
 
 from __future__ import annotations
@@ -21,19 +22,16 @@ from glmtune.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-SMALL = (135e6, 2e-3)  # (parameters, LoRA learning rate)
-LARGE = (7e9, 2e-4)
-LOWEST_LORA_RATE = 1e-4
-PTUNING_RATE = 2e-2
+# (parameters, learning rate) anchors of each method's rule, and its lowest rate
+LORA_RULE = ((135e6, 2e-3), (7e9, 2e-4), 1e-4)
+PTUNING_RULE = ((135e6, 5e-2), (6.2e9, 2e-2), 2e-2)
 
 
 def default_learning_rate(method: str, parameters: int) -> float:
-    if method == "ptuning":
-        return PTUNING_RATE
-    (n0, lr0), (n1, lr1) = SMALL, LARGE
+    (n0, lr0), (n1, lr1), lowest = PTUNING_RULE if method == "ptuning" else LORA_RULE
     slope = math.log(lr1 / lr0) / math.log(n1 / n0)
     rate = lr0 * (max(parameters, n0) / n0) ** slope
-    return float(f"{max(rate, LOWEST_LORA_RATE):.2g}")  # two significant digits: a number a user can read and type
+    return float(f"{max(rate, lowest):.2g}")  # two significant digits: a number a user can read and type
 
 
 def base_parameter_count(model) -> int:
