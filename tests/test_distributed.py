@@ -27,9 +27,11 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 RTOL = 1e-5
+# Plain LoRA scaling: at this high rate, rsLoRA's (the default) 4 times larger scale makes the tiny run so
+# sensitive that float rounding alone grows to about 4.5e-4 in the weights, while the losses still agree to 5e-7.
 COMMON = ["--max-steps", "4", "--logging-steps", "1", "--lora-dropout", "0", "--learning-rate", "3e-2",
-          "--lora-target", "all-linear", "--eval-steps", "2", "--no-eval-each-epoch", "--save-steps", "4",
-          "--seed", "7"]
+          "--lora-target", "all-linear", "--no-use-rslora", "--eval-steps", "2", "--no-eval-each-epoch",
+          "--save-steps", "4", "--seed", "7"]
 
 
 def _options(tiny_model_dir, small_data, out, batch_size) -> list[str]:
