@@ -4,10 +4,11 @@ on the meta device for `--dry-run`).
 The learning rate: small models need a much higher one than 6B-9B models. Each method's rule is a straight
 line in log-log between two anchors, flat outside them: a rate measured on the default model, and the rate
 the 6B-9B recipes use.
-- LoRA and QLoRA: 2e-3 at 135M parameters (docs/benchmarks.md, "Defaults: quality on the tutorials'
-  multi-task set": rank 16 on every linear layer, alpha 32); 2e-4 at 7B, the QLoRA paper's rate for 7B and
-  13B models with LoRA on every linear layer and the common rate for ChatGLM-6B/GLM-4-9B LoRA; never below
-  1e-4 (the QLoRA paper's rate for 33B and 65B models), which the line reaches at about 23B.
+- LoRA and QLoRA: 2e-3 at 135M parameters (docs/benchmarks.md, "Defaults: quality on the tutorials' multi-task
+  set": rank 16 on every linear layer, alpha 32; measured with plain and with rsLoRA scaling; plain LoRA at
+  4e-3 was a little better, at 8e-3 worse, both behind rsLoRA at 2e-3); 2e-4 at 7B, the QLoRA paper's rate for
+  7B and 13B models with LoRA on every linear layer and the common rate for ChatGLM-6B/GLM-4-9B LoRA; never
+  below 1e-4 (the QLoRA paper's rate for 33B and 65B models), which the line reaches at about 23B.
 - P-Tuning v2: 5e-2 at 135M (the best of 5e-3, 2e-2 and 5e-2 in docs/benchmarks.md, "LoRA variants and
   P-Tuning settings"); 2e-2 at 6.2B, the official ChatGLM-6B ptuning/ recipe, and 2e-2 above.
 """
