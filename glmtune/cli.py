@@ -185,6 +185,10 @@ def _add_chat(commands) -> None:
     _add_model_arguments(chat)
     chat.add_argument("--no-history", action="store_true", help="answer every message on its own")
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--tools", default=None, metavar="FILE",
+                      help="JSON file listing the tools the model may call (OpenAI's {\"type\": \"function\", "
+                           "\"function\": {...}} or ChatGLM3's {\"name\", \"description\", \"parameters\"}); "
+                           "ChatGLM3 and GLM-4 models only. A call is shown and you type its result")
     add_generation_arguments(chat, defaults={"max_new_tokens": 512})
     chat.set_defaults(func=_cmd_chat)
 
@@ -284,8 +288,9 @@ def _add_bench(commands) -> None:
                     "utilisation against the device's matmul peak measured in the same run (docs/benchmarks.md), "
                     "as a table and as one JSON line. Training options work as for train; without length limits "
                     "the tutorials' max_source_length=100 and max_target_length=100 apply to both recipes.")
-    bench.add_argument("--data", dest="train_file", default=argparse.SUPPRESS, metavar="FILE",
-                       help="training data (any format train accepts)")
+    bench.add_argument("--data", dest="train_file", default=argparse.SUPPRESS, metavar="FILE", nargs="+",
+                       action="extend", help="training data (any format train accepts; several files mix as "
+                                             "train_file does: FILE FILE:0.3)")
     bench.add_argument("--steps", type=_positive_int, default=10, metavar="N",
                        help="timed optimizer steps (default: 10)")
     bench.add_argument("--warmup-steps", dest="bench_warmup_steps", type=_positive_int, default=2, metavar="N",
@@ -324,6 +329,8 @@ def _add_data(commands) -> None:
     stats.add_argument("--max-target-length", type=_positive_int, default=None)
     stats.add_argument("--cutoff-len", type=_positive_int, default=None)
     stats.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    stats.add_argument("--train-on", default="all_assistant", choices=("all_assistant", "last_assistant"),
+                       help="which answers of a conversation train, as in train (default: all_assistant)")
     _add_column_arguments(stats)
     _add_prompt_template_argument(stats, "none")
     stats.set_defaults(func=_cmd_data_stats)
@@ -407,7 +414,10 @@ def _cmd_bench(args, unknown, argv: list[str]) -> int:
     if args.json_file:  # before minutes of benchmarking, not after
         from glmtune.files import check_output_file
 
-        check_output_file(args.json_file, overwrite=args.overwrite_json, inputs=[config.train_file], option="--json")
+        from glmtune.data.mixing import train_paths
+
+        check_output_file(args.json_file, overwrite=args.overwrite_json, inputs=train_paths(config.train_file),
+                          option="--json")
     recipes = RECIPES if args.recipe == "both" else (args.recipe,)
     summary = run_bench(BenchSettings(config, args.steps, args.bench_warmup_steps, recipes), in_process=args.in_process)
     if args.json_file:
@@ -511,17 +521,20 @@ def _cmd_metrics(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from glmtune.serve.chat import chat_loop
+    from glmtune.serve.chat import chat_loop, read_tools_file
     from glmtune.serve.engine import ChatEngine
 
     from dataclasses import replace
 
     template = _prompt_template(args, typed=True)
+    tools = read_tools_file(args.tools) if args.tools else None  # before minutes of loading
     # --seed seeds the session once (_generator), not every answer again
     generation = replace(generation_from_args(args), seed=None)
     engine = ChatEngine(_generator(args), generation=generation, prompt_template=template)
     try:
-        chat_loop(engine, keep_history=not args.no_history, system=args.system, generation=generation)
+        if tools and engine.tools_unsupported():
+            raise GlmtuneError(f"--tools: {engine.tools_unsupported()}")
+        chat_loop(engine, keep_history=not args.no_history, system=args.system, generation=generation, tools=tools)
     finally:
         engine.close()
     return 0
@@ -644,7 +657,9 @@ def _cmd_data_validate(args) -> int:
 
     samples, fmt = load_samples(args.file, require_answer=not args.no_answers, **_data_columns(args))
     turns = sum(sum(m.role == "assistant" and m.trainable for m in s.messages) for s in samples)
-    print(f"{args.file}: OK, {len(samples)} samples ({fmt.name} format, {turns} trained answers)")
+    calls = sum(len(m.tool_calls) for s in samples for m in s.messages)
+    tools = f", {calls} tool calls in {sum(any(m.tool_calls for m in s.messages) for s in samples)} samples" * bool(calls)
+    print(f"{args.file}: OK, {len(samples)} samples ({fmt.name} format, {turns} trained answers{tools})")
     return 0
 
 
@@ -668,7 +683,7 @@ def _cmd_data_stats(args) -> int:
 
     limits = LengthLimits(args.max_source_length, args.max_target_length, args.cutoff_len)
     print(file_stats(args.file, tokenizer, template=args.template, limits=limits, as_json=args.json,
-                     model_name=args.model, **_data_columns(args)))
+                     model_name=args.model, train_on=args.train_on, **_data_columns(args)))
     return 0
 
 

@@ -57,6 +57,12 @@ def option(default: Any, help: str, *, choices: tuple | None = None, minimum: fl
     return field(default=default, metadata=meta)
 
 
+def _check_train_file(value: Any, source: str) -> None:
+    from glmtune.data.mixing import check_train_file  # the forms of several files, with their numbers
+
+    check_train_file(value, source)
+
+
 def _check_prompt_template(value: str, source: str) -> None:
     from glmtune.data.prompt_template import check_template  # depends on nothing but glmtune.errors
 
@@ -69,8 +75,8 @@ class ModelOptions:
     template: str = option("auto", "Prompt format: auto (the family's format, else the tokenizer's chat template, "
                            "else plain), chat (the tokenizer's chat template), plain (prompt then answer), "
                            "and the ChatGLM families' own: chatglm ([Round i] history, answer after [gMASK] <sop>), "
-                           "chatglm2 ([Round i] from 1), chatglm3 (role tokens), and glm4 (GLM-4's role tokens, "
-                           "for a GLM-4 tokenizer without a chat template).",
+                           "chatglm2 ([Round i] from 1), chatglm3 (role tokens), and glm4 (GLM-4's role tokens as its "
+                           "official fine-tuning writes them, tools included; auto for GLM-4).",
                            choices=TEMPLATE_NAMES)
     dtype: str = option("auto", "Weight dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it, else float16.",
                         choices=("auto", "float32", "float16", "bfloat16"))
@@ -90,8 +96,14 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    train_file: str | None = option(None, "Training data, JSON or JSONL (context/target, instruction/input/output, "
-                                    "history, conversations/messages, or columns named by prompt_column/response_column).")
+    train_file: str | list | None = option(None, "Training data, JSON or JSONL (context/target, instruction/input/"
+                                           "output, history, conversations/messages, or columns named by "
+                                           "prompt_column/response_column). Several files are mixed into one set "
+                                           "shuffled by seed: a list, or several values after --train-file, each "
+                                           "path (taken whole), path:N (N samples) or path:W with 0 < W < 1 (the "
+                                           "file's share of the mix), e.g. [task.jsonl, general.jsonl:0.3] "
+                                           "(docs/data.md#mixing-data-against-forgetting).",
+                                           check=_check_train_file)
     dev_file: str | None = option(None, "Development data in the same formats; evaluated for eval loss and the best adapter.")
     prompt_column: str | None = option(None, "Read the prompt from this column (e.g. ADGEN's content).")
     response_column: str | None = option(None, "Read the answer from this column (e.g. ADGEN's summary).")
@@ -122,6 +134,11 @@ class DataOptions:
                                         "and eval build. Off, it becomes the control token, as Hugging Face chat "
                                         "templates and the official scripts tokenize it. Text that spells none is "
                                         "tokenized the same either way (docs/serving.md).")
+    train_on: str = option("all_assistant", "Which answers of a conversation train: all_assistant (every assistant "
+                           "message, tool calls included) or last_assistant (only the last; LLaMA-Factory's "
+                           "mask_history: true). Earlier answers then stay as context. Tool results and the answers of "
+                           "a single-turn row's history never train (docs/data.md#which-turns-train).",
+                           choices=("all_assistant", "last_assistant"))
 
 
 @dataclass
@@ -306,6 +323,11 @@ def _optional(annotation: Any) -> bool:
     return type(None) in typing.get_args(annotation)
 
 
+def _takes_list(annotation: Any) -> bool:
+    """An option that may hold a list (`str | list | None`: train_file's several files)."""
+    return list in typing.get_args(annotation)
+
+
 def truth(raw: Any) -> bool | None:
     """A YAML/JSON boolean, or a word for one (true/yes/1/on, false/no/0/off); None for anything else."""
     if isinstance(raw, bool):
@@ -346,6 +368,9 @@ def _coerce(key: str, raw: Any, f: dataclasses.Field, source: str) -> Any:
         if not math.isfinite(value):  # nan passes every range check
             raise GlmtuneError(f"{source}: {key} must be a finite number, got {shown(raw)}")
         return value
+    if isinstance(raw, (dict, list)) and _takes_list(f.type):  # train_file's files (glmtune/data/mixing.py)
+        items = raw if isinstance(raw, list) else [raw]
+        return items[0] if len(items) == 1 and isinstance(items[0], str) else list(items)
     if isinstance(raw, (dict, list)):
         raise GlmtuneError(f"{source}: {key} must be a single value, got {type(raw).__name__}")
     if isinstance(raw, bool):  # a JSON true/false (YAML's are kept as written): never a folder named False
@@ -515,7 +540,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
                 # flags arrive as text, typed and checked later (after a tutorial's value is converted: adamw_hf)
                 choices = f.metadata.get("choices") if f.name not in NAMES else None
                 group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                   choices=tuple(map(str, choices)) if choices else None, help=help_text)
+                                   choices=tuple(map(str, choices)) if choices else None, help=help_text,
+                                   # --train-file a.jsonl b.jsonl:0.3, or the flag repeated
+                                   **({"nargs": "+", "action": "extend"} if _takes_list(f.type) else {}))
 
 
 def split_overrides(items: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -543,6 +570,13 @@ def check_unknown_flags(unknown: list[str], cls: type) -> None:
 def config_from_args(cls: type, namespace: argparse.Namespace, positional: list[str], unknown: list[str]):
     """Build `cls` from the parsed command line: file < key=value < --flags."""
     check_unknown_flags(unknown, cls)
+    positional = list(positional)
+    for f in fields(cls):  # --train-file a.jsonl run.yaml max_steps=5: argparse gave it the words after it too
+        values = vars(namespace).get(f.name)
+        if _takes_list(f.type) and isinstance(values, list):
+            words = [v for v in values[1:] if v.endswith((".yaml", ".yml")) or ("=" in v and not Path(v).exists())]
+            setattr(namespace, f.name, [v for v in values if v not in words])
+            positional += words
     config_file, overrides = split_overrides(positional)
     train_args_file = getattr(namespace, "train_args_file", None)  # the tutorials' TrainingArguments JSON
     if train_args_file and config_file:

@@ -24,7 +24,9 @@ class Family:
     native: bool  # glmtune's own model and tokenizer code (glmtune.models.chatglm / chatglm2), official names
     lora_targets: tuple[str, ...] | None  # LoRA's default target modules; None: peft's per-architecture defaults
     template: str | None  # its own prompt layout, the only one it accepts (glmtune.data.templates)
-    fallback_template: str | None  # the layout used when the tokenizer has no chat template
+    # the layout `auto` picks while `chat` stays allowed (GLM-4: its official layout, tools included, which its
+    # chat template writes too but without the trained end of each answer)
+    fallback_template: str | None
     stop_tokens: tuple[str, ...]  # tokens that end an answer besides eos (those in the vocabulary)
     quantization_backend: str  # what quantization_backend auto means for it (glmtune.models.kbit)
     packing: str  # PACK_*: how packed samples keep apart

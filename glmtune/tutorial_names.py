@@ -124,6 +124,9 @@ _TABLE = [
     _renamed("max_samples", "max_train_samples"),
     _renamed("max_new_tokens", "eval_max_new_tokens"),
     _renamed("template_name", "template"),
+    # LLaMA-Factory's switch for training only the last turn of a conversation
+    _renamed("mask_history", "train_on", convert=lambda v: "last_assistant" if _truth(v) else "all_assistant",
+             flag=True),
     # method
     _renamed("use_lora", "method", convert=_when_true("lora"), flag=True),
     _renamed("use_ptuning", "method", convert=_when_true("ptuning"), flag=True),
@@ -352,4 +355,5 @@ _CONVERSIONS = {
     "report_to": "a list of one backend becomes that backend", "optim": "adamw_hf: adamw_torch, adamw_bnb_8bit: "
     "adamw_8bit", "evaluation_strategy": "epoch: true, no: false, steps: eval_steps decides",
     "eval_strategy": "epoch: true, no: false, steps: eval_steps decides",
+    "mask_history": "true: last_assistant, false: all_assistant",
 }

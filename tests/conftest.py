@@ -286,6 +286,29 @@ def tiny_family_dir(tmp_path_factory, tiny_model_dir, tokenizer):
 
 
 @contextlib.contextmanager
+def api_in_thread(engine, **options):
+    """glmtune's API over `engine` on a free loopback port for the with-block (uvicorn in a thread, loopback
+    hosts unless `options` say otherwise); yields its base URL."""
+    from glmtune.serve.network import allowed_hosts, listen
+    from glmtune.serve.openai_api import make_server
+
+    sock = listen("127.0.0.1", 0)
+    server = make_server(engine, "tiny", **{"hosts": allowed_hosts("127.0.0.1"), **options})
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@contextlib.contextmanager
 def _glmtune_running(args: list[str], ready: str, timeout: float = 180):
     """Runs `python -m glmtune ARGS` for the length of the with-block and yields the first match of the
     regex `ready` in its output (e.g. the URL a server prints). Fails with the output if the command exits

@@ -119,7 +119,7 @@ def test_conversation_problems(write_jsonl):
     with pytest.raises(GlmtuneError) as error:
         load_samples(path)
     message = str(error.value)
-    assert ":1: messages[1]: expected a assistant message" in message
+    assert ":1: messages[1]: expected an assistant message" in message
     assert ":2: messages[0]: unknown role 'wizard'" in message
     assert ":3: 'messages' must end with an assistant message" in message
     assert ":4: field 'messages' must be a non-empty list" in message

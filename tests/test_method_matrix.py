@@ -76,7 +76,7 @@ def _train_save_reload_and_generate(family, method, tiny_family_dir, small_data,
     assert [Generator(reloaded, info["template"]).generate_ids([p], sampling)[0] for p in prompts] == batch
 
 
-def test_glm4_uses_its_chat_template_and_stops_at_the_next_role(tiny_family_dir):
+def test_glm4_uses_its_official_layout_and_stops_at_the_next_role(tiny_family_dir):
     from glmtune.data.formats import Message
     from glmtune.data.preprocess import Encoder
     from glmtune.data.templates import get_template
@@ -89,18 +89,21 @@ def test_glm4_uses_its_chat_template_and_stops_at_the_next_role(tiny_family_dir)
     assert {ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")} <= loaded.stop_ids
     conversation = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"),
                     Message("user", "Name a colour."), Message("assistant", "Blue.")]
-    chat = get_template("auto", tokenizer, "glm4")
-    assert chat.name == "chat"
-    own = get_template("glm4", tokenizer, "glm4")
-    encoded = [Encoder(tokenizer, t, loaded.stop_ids).encode(_sample(conversation), _no_limits())[0]
-               for t in (chat, own)]
-    assert encoded[0] == encoded[1]  # the built-in layout is GLM-4's chat template, token for token
-    text = tokenizer.decode(encoded[0]["input_ids"])
-    assert text.startswith("[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\nHello!")
-    trained = tokenizer.decode([t for t, label in zip(encoded[0]["input_ids"], encoded[0]["labels"]) if label != -100])
-    assert trained == "\nHello!<|endoftext|>\nBlue.<|endoftext|>"
+    own = get_template("auto", tokenizer, "glm4")
+    assert own.name == "glm4"  # although the tokenizer has a chat template
+    chat = get_template("chat", tokenizer, "glm4")  # still allowed
+    prompts = [Encoder(tokenizer, t, loaded.stop_ids).prompt_ids(conversation[:2])[0] for t in (own, chat)]
+    assert prompts[0] == prompts[1]  # a question: GLM-4's chat template, token for token
     prompt, _ = Encoder(tokenizer, own, loaded.stop_ids).prompt_ids(conversation[:4])
-    assert tokenizer.decode(prompt).endswith("<|user|>\nName a colour.<|assistant|>")
+    assert tokenizer.decode(prompt).endswith("<|assistant|>\nHello!<|user|>\nName a colour.<|assistant|>")
+    encoded = Encoder(tokenizer, own, loaded.stop_ids).encode(_sample(conversation), _no_limits())[0]
+    text = tokenizer.decode(encoded["input_ids"])
+    # as the official fine-tuning: turns follow each other with no end token between them, each answer trains up
+    # to the next role token, and <|user|> ends the sample
+    assert text == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\nHello!<|user|>\nName a colour."
+                    "<|assistant|>\nBlue.<|user|>")
+    trained = tokenizer.decode([t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100])
+    assert trained == "\nHello!<|user|>\nBlue.<|user|>"
 
 
 def _sample(messages):

@@ -15,8 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 from glmtune.serve.engine import ChatEngine  # noqa: E402
-from glmtune.serve.network import allowed_hosts, listen  # noqa: E402
-from glmtune.serve.openai_api import make_server  # noqa: E402
+from glmtune.serve.network import allowed_hosts  # noqa: E402
 
 KEY = "hostile-test-key"
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -34,24 +33,11 @@ def engine(tiny_model_dir):
     engine.close()
 
 
-@contextlib.contextmanager
 def running(engine, **options):
     """The API on a free loopback port for the with-block; yields its base URL."""
-    options = {"api_key": KEY, "hosts": allowed_hosts("127.0.0.1"), **options}
-    sock = listen("127.0.0.1", 0)
-    server = make_server(engine, "tiny", **options)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    from conftest import api_in_thread
+
+    return api_in_thread(engine, api_key=KEY, **options)
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,7 @@ MAPPED = {
     "evaluation_strategy": ("no", "no", "eval_each_epoch", False),
     "eval_strategy": ("no", "no", "eval_each_epoch", False),
     "pissa_init": (True, "true", "lora_init", "pissa"),
+    "mask_history": (True, "true", "train_on", "last_assistant"),
     "init_lora_weights": ("olora", "olora", "lora_init", "olora"),
 }
 # Accepted and ignored, with a note saying what glmtune does instead

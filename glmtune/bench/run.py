@@ -172,13 +172,14 @@ def run_bench(settings: BenchSettings, in_process: bool = False) -> dict[str, An
     from glmtune.bench.measure import matmul_peak
     from glmtune.models.loader import default_device, resolve_dtype
 
-    from glmtune.data.formats import load_samples
+    from glmtune.data.mixing import load_mixture
 
     cfg = with_bench_defaults(settings.config)
     if not cfg.train_file:
         raise GlmtuneError("bench needs --data FILE (training data in any format train accepts)")
-    load_samples(cfg.train_file, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-                 prompt_template=cfg.prompt_template)  # fail early
+    columns = {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column,
+               "prompt_template": cfg.prompt_template}
+    load_mixture(cfg.train_file, read_with=columns, seed=cfg.seed)  # fail early
     for recipe in settings.recipes:
         recipe_config(cfg, recipe)  # a recipe that cannot run fails before any other runs
     device = default_device()

@@ -27,25 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmtune.data.messages import Message, check_conversation, check_tools, read_turn
 from glmtune.data.prompt_template import fill_row, template_fields
 from glmtune.errors import GlmtuneError, shown
 from glmtune.files import NestingError, check_input_file, loads, path_error, raw_decode
 
 MAX_REPORTED_PROBLEMS = 20
-
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
-}
-
-
-@dataclass
-class Message:
-    role: str  # "system", "user" or "assistant"
-    content: str
-    trainable: bool = True  # only meaningful for assistant messages
-
 
 @dataclass
 class Sample:
@@ -55,6 +42,7 @@ class Sample:
     messages: list[Message]
     row: dict[str, Any] = field(repr=False)
     where: str = ""  # "file:line", for messages
+    tools: list[dict] | None = None  # the functions the assistant may call, as the data gives them
 
     @property
     def has_answer(self) -> bool:
@@ -67,7 +55,7 @@ class Sample:
 
     @property
     def reference(self) -> str | None:
-        return self.messages[-1].content if self.has_answer else None
+        return self.messages[-1].reference_text() if self.has_answer else None
 
 
 @dataclass(frozen=True)
@@ -302,41 +290,37 @@ def _conversation(row: dict, fmt: RowFormat, line: int, problems: _Problems,
     system = _string_field(row, "system", line, problems, required=False, allow_empty=True)
     if system:
         messages.append(Message("system", system))
-    for i, turn in enumerate(turns):
-        where = f"{fmt.conversation}[{i}]"
-        if not isinstance(turn, dict):
-            problems.add(line, f"{where} must be an object with role and content")
-            return None
-        role_key, content_key = ("from", "value") if "from" in turn else ("role", "content")
-        role = ROLE_ALIASES.get(str(turn.get(role_key, "")).lower())
-        if role is None:
-            problems.add(line, f"{where}: unknown role {shown(turn.get(role_key))}; use system, user or assistant")
-            return None
-        content = turn.get(content_key)
-        if not isinstance(content, str):
-            problems.add(line, f"{where}: {content_key!r} must be a string, got {type(content).__name__}")
-            return None
-        if role == "system":
-            if messages:
-                problems.add(line, f"{where}: a system message may only come first")
-                return None
-            messages.append(Message("system", content))
-            continue
-        expected = "user" if not messages or messages[-1].role != "user" else "assistant"
-        if role != expected:
-            problems.add(line, f"{where}: expected a {expected} message here (user and assistant must alternate)")
-            return None
-        if role == "assistant" and not content.strip():
-            problems.add(line, f"{where}: empty assistant answer")
-            return None
-        messages.append(Message(role, content))
-    if not any(m.role == "user" for m in messages):
-        problems.add(line, f"{fmt.conversation!r} has no user message")
+    try:
+        for i, turn in enumerate(turns):
+            read_turn(messages, turn, f"{fmt.conversation}[{i}]")
+        check_conversation(messages)
+    except GlmtuneError as e:
+        problems.add(line, str(e))
         return None
     if require_answer and messages[-1].role != "assistant":
         problems.add(line, f"{fmt.conversation!r} must end with an assistant message to be trained on")
         return None
     return messages
+
+
+def _row_tools(row: dict, fmt: RowFormat, line: int, problems: _Problems) -> list[dict] | None:
+    """The row's tool list: top-level `tools` (ChatGLM3's fine-tuning format, OpenAI's) or, in GLM-4's format,
+    on the system message."""
+    found = [("tools", row["tools"])] if row.get("tools") is not None else []
+    turns = row.get(fmt.conversation) if fmt.conversation else None
+    for i, turn in enumerate(turns if isinstance(turns, list) else []):
+        if isinstance(turn, dict) and turn.get("tools") is not None:
+            found.append((f"{fmt.conversation}[{i}].tools", turn["tools"]))
+    if len(found) > 1:
+        problems.add(line, f"tools are given twice ({found[0][0]} and {found[1][0]}); give them once")
+        return None
+    if not found:
+        return None
+    try:
+        return check_tools(found[0][1], found[0][0])
+    except GlmtuneError as e:
+        problems.add(line, str(e))
+        return None
 
 
 def load_samples(path: str | Path, *, prompt_column: str | None = None, response_column: str | None = None,
@@ -371,7 +355,8 @@ def load_samples(path: str | Path, *, prompt_column: str | None = None, response
             messages = _conversation(row, fmt, line, problems, require_answer)
         else:
             messages = _single_turn(row, fmt, line, problems, require_answer, prompt_template)
+        tools = _row_tools(row, fmt, line, problems)
         if messages is not None:
-            samples.append(Sample(messages, row, f"{path}:{line}"))
+            samples.append(Sample(messages, row, f"{path}:{line}", tools=tools))
     problems.raise_if_any()
     return samples, fmt

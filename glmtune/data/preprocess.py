@@ -19,7 +19,7 @@ as before, in one piece with its scaffolding.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
@@ -28,6 +28,7 @@ from glmtune.data.templates import Part, Segment, Template, control_pattern
 from glmtune.errors import GlmtuneError
 
 IGNORE_INDEX = -100
+TRAIN_ON = ("all_assistant", "last_assistant")
 log = logging.getLogger(__name__)
 
 
@@ -105,9 +106,12 @@ class Encoder:
     (nothing is locked; the tokenizer is only read)."""
 
     def __init__(self, tokenizer, template: Template, stop_ids: set[int] | None = None, *,
-                 split_special_tokens: bool = False):
+                 split_special_tokens: bool = False, train_on: str = "all_assistant"):
+        if train_on not in TRAIN_ON:
+            raise GlmtuneError(f"train_on must be one of {', '.join(TRAIN_ON)}; got {train_on!r}")
         self.tokenizer = tokenizer
         self.template = template
+        self.train_on = train_on
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no end-of-sequence token")
@@ -195,20 +199,35 @@ class Encoder:
             encoded.parts.append(([self.eos_id], False))
         return encoded
 
-    def prompt_ids(self, messages: list[Message], limits: LengthLimits | None = None) -> tuple[list[int], bool]:
+    def prompt_ids(self, messages: list[Message], limits: LengthLimits | None = None,
+                   tools: list[dict] | None = None) -> tuple[list[int], bool]:
         """Token ids of the prompt that asks for the next answer, and whether it had to be cut. Message text
         is always plain text here: these prompts carry text from whoever is asking."""
-        segments = self.template.render(messages, protect=True)
+        segments = self.template.render(messages, protect=True, tools=tools)
         ids = [t for s in segments for t in self.encode_segment(s, split=False, plain=True).ids()]
         budget = _min(limits.max_source_length, limits.cutoff_len) if limits else None
         if budget is None or len(ids) <= budget:
             return ids, False
         return _cut_prompt([self.encode_segment(s, split=True, plain=True) for s in segments], budget), True
 
+    def views(self, sample: Sample) -> list[Sample]:
+        """The training samples one conversation gives. Under train_on last_assistant only its last answer trains.
+        A layout that holds one answer per sample (ChatGLM-6B/2's [Round i] history) gets one sample per trained
+        answer, the conversation before it as history, as the official scripts train rows with history."""
+        messages = sample.messages
+        if self.train_on == "last_assistant":
+            last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+            messages = [replace(m, trainable=False) if m.role == "assistant" and i != last else m
+                        for i, m in enumerate(messages)]
+        trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.trainable]
+        if not self.template.one_answer or len(trained) < 2:
+            return [sample if messages is sample.messages else replace(sample, messages=messages)]
+        return [replace(sample, messages=messages[: i + 1]) for i in trained]
+
     def encode(self, sample: Sample, limits: LengthLimits) -> tuple[dict[str, list[int]], SampleCut]:
-        """input_ids and labels for a training sample, and what truncation removed."""
+        """input_ids and labels for a training sample (one of `views`), and what truncation removed."""
         plain = self.split_special_tokens
-        turns = _group_turns(self.template.render(sample.messages, protect=plain))
+        turns = _group_turns(self.template.render(sample.messages, protect=plain, tools=sample.tools))
         input_ids: list[int] = []
         labels: list[int] = []
         cut = SampleCut()
@@ -247,7 +266,8 @@ class Encoder:
         """(prompt tokens, answer tokens) of each trained turn, before any truncation."""
         plain = self.split_special_tokens
         out = []
-        for prompt_segments, answer in _group_turns(self.template.render(sample.messages, protect=plain)):
+        for prompt_segments, answer in _group_turns(self.template.render(sample.messages, protect=plain,
+                                                                         tools=sample.tools)):
             src = sum(len(self.encode_segment(s, split=False, plain=plain)) for s in prompt_segments)
             out.append((src, len(self.encode_segment(answer, split=False, plain=plain)) if answer else 0))
         return out
@@ -318,9 +338,10 @@ def encode_samples(samples: list[Sample], encoder: Encoder, limits: LengthLimits
     features = []
     for sample in tqdm(samples, desc=f"tokenizing {name}", disable=not progress, leave=False):
         try:
-            feature, cut = encoder.encode(sample, limits)
+            for view in encoder.views(sample):
+                feature, cut = encoder.encode(view, limits)
+                report.add(cut, sample.where)
+                features.append(feature)
         except GlmtuneError as e:  # e.g. a conversation the chat template refuses: say which row
             raise GlmtuneError(f"{sample.where}: {e}" if sample.where else str(e)) from None
-        report.add(cut, sample.where)
-        features.append(feature)
     return features, report

@@ -17,6 +17,7 @@ from typing import Any
 from glmtune.data.formats import Sample, load_samples
 from glmtune.data.preprocess import Encoder, LengthLimits
 from glmtune.data.templates import get_template
+from glmtune.errors import GlmtuneError
 
 CANDIDATE_CUTOFFS = (128, 256, 512, 1024, 2048, 4096)
 LONG_TEXT = 100_000  # characters: a text this long is tokenized once per stats run, not once per limit counted
@@ -72,7 +73,15 @@ def _remembering_long_texts(encoder: Encoder) -> Encoder:
 
 def length_stats(samples: list[Sample], encoder: Encoder, limits: LengthLimits | None = None) -> LengthStats:
     encoder = _remembering_long_texts(encoder)
-    turns = [encoder.lengths(s) for s in samples]
+    views, turns = [], []
+    for sample in samples:
+        try:
+            for view in encoder.views(sample):  # what training tokenizes
+                turns.append(encoder.lengths(view))
+                views.append(view)
+        except GlmtuneError as e:  # e.g. a conversation the layout cannot write: say which row
+            raise GlmtuneError(f"{sample.where}: {e}" if sample.where else str(e)) from None
+    samples = views
     prompts = [src for sample in turns for src, _ in sample]
     answers = [tgt for sample in turns for _, tgt in sample]
     totals = [sum(src + tgt for src, tgt in sample) for sample in turns]
@@ -112,14 +121,15 @@ def format_stats(stats: LengthStats, title: str) -> str:
 
 
 def file_stats(path: str, tokenizer: Callable[[], tuple[Any, str, set[int]]], *, template: str = "auto",
-               limits: LengthLimits, as_json: bool = False, model_name: str, **columns) -> str:
+               limits: LengthLimits, as_json: bool = False, model_name: str, train_on: str = "all_assistant",
+               **columns) -> str:
     """What `glmtune data stats` prints for a data file: the table, or the numbers as JSON. `tokenizer()`
     gives (tokenizer, family, stop ids): the caller loads it (data sits below the model layer), once the
     file has been read, so a bad file is reported before a tokenizer is loaded."""
     samples, _ = load_samples(path, **columns)
     loaded, family, stop_ids = tokenizer()
     prompt_format = get_template(template, loaded, family)
-    stats = length_stats(samples, Encoder(loaded, prompt_format, stop_ids), limits)
+    stats = length_stats(samples, Encoder(loaded, prompt_format, stop_ids, train_on=train_on), limits)
     if as_json:
         data = asdict(stats)
         data["suggestions"] = {k: asdict(v) for k, v in stats.suggestions.items()}

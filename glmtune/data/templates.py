@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from glmtune.data.formats import Message
+from glmtune.data.tool_format import chatglm3_tools_text, glm4_tools_text, json_call_text, python_call_text
 from glmtune.errors import GlmtuneError
 from glmtune.families import family_facts
 
@@ -66,8 +67,9 @@ def control_pattern(tokenizer) -> re.Pattern | None:
 
 class Template:
     name = "base"
+    one_answer = False  # a sample holds one trained answer (earlier answers are prompt text)
 
-    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False, tools: list[dict] | None = None) -> list[Segment]:
         """Segments for a conversation. Ending with an assistant message: prompt, answer, prompt, answer...
         Ending with a user message: the same, then the prompt that asks for the next answer.
         `protect`: every control-token string written in a message ends up in a content or literal part (the
@@ -84,7 +86,8 @@ class PlainTemplate(Template):
 
     name = "plain"
 
-    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False, tools: list[dict] | None = None) -> list[Segment]:
+        _tool_free(messages, tools, "plain")
         segments: list[Segment] = []
         pending: list[Part] = []
         for message in messages:
@@ -117,12 +120,37 @@ class ChatTemplate(Template):
         self.tokenizer = tokenizer
         self._controls: re.Pattern | None = None
 
-    def _apply(self, messages: list[Message], generation_prompt: bool, marks: tuple[str, str] | None) -> str:
-        dicts = [{"role": m.role, "content": self._mark(m.content, marks)} for m in messages]
+    def _apply(self, messages: list[Message], generation_prompt: bool, marks: tuple[str, str] | None,
+               tools: list[dict] | None = None) -> str:
+        dicts = [self._as_dict(m, marks) for m in messages]
+        extra = {"tools": tools} if tools else {}
         try:
-            return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation_prompt,
+                                                      **extra)
         except Exception as e:  # the template's own checks (raise_exception): this conversation's fault
             raise GlmtuneError(f"the model's chat template cannot render this conversation: {e}") from None
+
+    def _as_dict(self, message: Message, marks: tuple[str, str] | None) -> dict:
+        """A message as transformers' chat templates take it (tool calls as OpenAI writes them, arguments an object)."""
+        out = {"role": message.role, "content": self._mark(message.content, marks)}
+        if message.tool_calls:
+            out["tool_calls"] = [{"type": "function", **({"id": c.id} if c.id else {}),
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in message.tool_calls]
+        if message.tool_call_id:
+            out["tool_call_id"] = message.tool_call_id
+        return out
+
+    def _check_tools(self, messages: list[Message], tools: list[dict] | None) -> None:
+        """Refuse tool conversations the template would silently drop: it must mention what it is given."""
+        source = self.tokenizer.chat_template
+        source = source if isinstance(source, str) else "".join(map(str, dict(source).values()))
+        needs = [("tools", "tool definitions", bool(tools)), ("tool_calls", "tool calls", any(m.tool_calls for m in messages)),
+                 ("tool", "tool results", any(m.role == "tool" for m in messages))]
+        missing = [(name, what) for name, what, used in needs if used and name not in source]
+        if missing:
+            raise GlmtuneError(f"this model's chat template has no place for {' or '.join(w for _, w in missing)} "
+                               f"(it never mentions {', '.join(repr(n) for n, _ in missing)}); tool conversations "
+                               "need a chatglm3 or glm4 model, or a chat template that renders tools")
 
     def _control_pattern(self) -> re.Pattern | None:
         if self._controls is None:
@@ -171,7 +199,8 @@ class ChatTemplate(Template):
             out.append(Part(clean(part.text[at:]), False))
         return [p for p in out if p.text]
 
-    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False, tools: list[dict] | None = None) -> list[Segment]:
+        self._check_tools(messages, tools)
         marks = self._marks(messages) if protect else None
 
         def split(text: str, content: str, last: bool) -> list[Part]:
@@ -182,7 +211,7 @@ class ChatTemplate(Template):
         for i, message in enumerate(messages):
             if message.role != "assistant":
                 continue
-            full = self._apply(messages[: i + 1], False, marks)
+            full = self._apply(messages[: i + 1], False, marks, tools)
             if i == 0:  # nothing to render before it: its prompt is what the template writes before its text
                 at = full.find(self._mark(message.content, marks)) if message.content else -1
                 if at < 0:
@@ -190,7 +219,7 @@ class ChatTemplate(Template):
                                        "message; start with a user (or system) message")
                 prompt, asked = full[:at], ""
             else:
-                prompt, asked = self._apply(messages[:i], True, marks), messages[i - 1].content
+                prompt, asked = self._apply(messages[:i], True, marks, tools), messages[i - 1].content
             self._check_prefix(done, prompt)
             self._check_prefix(prompt, full)
             segments.append(Segment(split(prompt[len(done):], asked, True)))
@@ -198,7 +227,7 @@ class ChatTemplate(Template):
                                     answer=True, trainable=message.trainable))
             done = full
         if messages and messages[-1].role != "assistant":
-            prompt = self._apply(messages, True, marks)
+            prompt = self._apply(messages, True, marks, tools)
             self._check_prefix(done, prompt)
             segments.append(Segment(split(prompt[len(done):], messages[-1].content, True)))
         return segments
@@ -241,11 +270,13 @@ class ChatGLMTemplate(Template):
     """
 
     name = "chatglm"
+    one_answer = True
 
     def __init__(self, gmask: str = "[gMASK]", sop: str = "<sop>"):
         self.gmask, self.sop = gmask, sop
 
-    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False, tools: list[dict] | None = None) -> list[Segment]:
+        _tool_free(messages, tools, "ChatGLM-6B")
         answer, parts, rounds, question = _question_rounds(messages)
         for i, (q, a) in enumerate(rounds):
             parts += [Part(f"[Round {i}]\n问：", False), Part(q, True), Part("\n答：", False), Part(a, True),
@@ -272,8 +303,10 @@ class ChatGLM2Template(Template):
     """
 
     name = "chatglm2"
+    one_answer = True
 
-    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
+    def render(self, messages: list[Message], *, protect: bool = False, tools: list[dict] | None = None) -> list[Segment]:
+        _tool_free(messages, tools, "ChatGLM2-6B")
         answer, system, rounds, question = _question_rounds(messages)
         parts = [Part("[gMASK]", False, special=True), Part("sop", False, special=True)] + system
         for i, (q, a) in enumerate(rounds, start=1):
@@ -286,62 +319,120 @@ class ChatGLM2Template(Template):
         return [Segment(parts), Segment([Part(answer.content, True)], answer=True, trainable=answer.trainable)]
 
 
-class ChatGLM3Template(Template):
-    """ChatGLM3-6B's role-token layout, as its official `build_chat_input` and fine-tuning script build it.
+def _tool_free(messages: list[Message], tools: list[dict] | None, layout: str) -> None:
+    """Refuse tools where a layout has no way to write them."""
+    if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+        raise GlmtuneError(f"the {layout} layout has no tool-calling format; tool conversations need a chatglm3 or "
+                           "glm4 model, or a chat template that renders tools")
 
-    `[gMASK] sop`, then per message its role token, `\n` and the text (each tokenized on its own); a prompt
-    for generation ends with `<|assistant|>`. Every assistant turn trains (the loss is on assistant turns
-    only). As in the official fine-tuning, the targets of a turn are its `\n`, its text and the token that
-    follows it: the next role token (`<|user|>`, a stop token) or, after the last turn, eos.
-    """
 
-    name = "chatglm3"
+class _RoleTokenLayout(Template):
+    """ChatGLM3's and GLM-4's shared shape: after a prefix, each message is its role token, a metadata line (empty,
+    or the name of the tool an assistant calls) and the text. Tool results are `<|observation|>` messages and the
+    tools a system message first. As in both official fine-tuning scripts, an assistant message trains its
+    metadata line, its text and the token after it: the next role token, or at the very end `end_token` (None:
+    the encoder's end-of-sequence token). An assistant message with several calls (or a thought and a call) is
+    one trained answer that spells each call as its own `<|assistant|>` message."""
 
-    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
+    prefix: tuple[str, str]
+    end_token: str | None = None
+    separate = False  # whether the metadata line and the text are tokenized on their own (ChatGLM3)
+    skip_empty = False  # messages with empty text left out (GLM-4)
+
+    @classmethod
+    def fits(cls, tokenizer) -> bool:
+        """Whether `tokenizer` has every control token this layout writes."""
+        vocab = tokenizer.get_vocab()
+        return all(t in vocab for t in (*cls.prefix, "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"))
+
+    def tools_text(self, tools: list[dict]) -> str:
+        raise NotImplementedError
+
+    def call_text(self, call) -> str:
+        raise NotImplementedError
+
+    def _entries(self, message: Message) -> list[tuple[str, str, bool]]:
+        """(metadata, text, text is the message's own) for each `<|assistant|>` message `message` becomes."""
+        if message.role != "assistant" or not message.tool_calls:
+            return [("", message.content, True)]
+        thought = [("", message.content, True)] if message.content else []
+        return thought + [(call.name, self.call_text(call), True) for call in message.tool_calls]
+
+    def _body(self, metadata: str, text: str, *, literal: bool = False) -> list[Part]:
+        """`literal`: message text that is never cut (the tools: cutting them would leave broken JSON)."""
+        return [Part(f"{metadata}\n", False, separate=self.separate),
+                Part(text, not literal, separate=self.separate, literal=literal)]
+
+    @staticmethod
+    def _role(message: Message) -> str:
+        return "observation" if message.role == "tool" else message.role
+
+    def render(self, messages: list[Message], *, protect: bool = False, tools: list[dict] | None = None) -> list[Segment]:
         segments: list[Segment] = []
-        pending = [Part("[gMASK]", False, special=True), Part("sop", False, special=True)]
+        pending = [Part(token, False, special=True) for token in self.prefix]
+        if tools:
+            pending += [Part("<|system|>", False, special=True)] + self._body("", self.tools_text(tools), literal=True)
+        if self.skip_empty:  # GLM-4's template writes no message with empty text
+            messages = [m for m in messages if m.content or m.role == "assistant"]
         for i, message in enumerate(messages):
-            role = Part(f"<|{message.role}|>", False, special=True)
-            body = [Part("\n", False, separate=True), Part(message.content, True, separate=True)]
+            role = Part(f"<|{self._role(message)}|>", False, special=True)
+            after_answer = i > 0 and messages[i - 1].role == "assistant"  # its role token closed that answer
             if message.role != "assistant":
-                after_answer = i > 0 and messages[i - 1].role == "assistant"
-                pending += ([] if after_answer else [role]) + body  # an answer segment already holds its role
+                pending += ([] if after_answer else [role]) + self._body("", message.content)
                 continue
             segments.append(Segment(pending + [role]))
             pending = []
+            body: list[Part] = []
+            for k, (metadata, text, _) in enumerate(self._entries(message)):
+                body += ([Part("<|assistant|>", False, special=True)] if k else []) + self._body(metadata, text)
             if i + 1 < len(messages):
-                body.append(Part(f"<|{messages[i + 1].role}|>", False, special=True))
+                body.append(Part(f"<|{self._role(messages[i + 1])}|>", False, special=True))
+            elif self.end_token:
+                body.append(Part(self.end_token, False, special=True))
             segments.append(Segment(body, answer=True, trainable=message.trainable))
         if pending:
             segments.append(Segment(pending + [Part("<|assistant|>", False, special=True)]))
-        return segments
+        return [Segment([p for p in s.parts if p.text], s.answer, s.trainable) for s in segments]
 
 
-class GLM4Template(Template):
-    """GLM-4's role-token layout, as its Hugging Face chat template renders it: `[gMASK]<sop>`, then per
-    message its role token, `\n` and the text; a prompt for generation ends with `<|assistant|>`. The
-    trained part of an assistant turn is its `\n` and text, then the encoder's end-of-sequence token
-    (`<|endoftext|>`), exactly what `template: chat` gives with a GLM-4 tokenizer. Used when a GLM-4
-    tokenizer has no chat template of its own.
+class ChatGLM3Template(_RoleTokenLayout):
+    """ChatGLM3-6B's role-token layout, as its official `build_chat_input` and fine-tuning scripts build it.
+
+    `[gMASK] sop`, then per message its role token, the metadata line and the text, each part tokenized on its own;
+    a prompt for generation ends with `<|assistant|>`. A tool call's text is `tool_call(...)` in a python block
+    under the tool's name, the tools an English sentence and their JSON in a system message first
+    (glmtune.data.tool_format). After the last answer comes eos.
+    """
+
+    name = "chatglm3"
+    prefix = ("[gMASK]", "sop")
+    separate = True
+
+    def tools_text(self, tools: list[dict]) -> str:
+        return chatglm3_tools_text(tools)
+
+    def call_text(self, call) -> str:
+        return python_call_text(call)
+
+
+class GLM4Template(_RoleTokenLayout):
+    """GLM-4's role-token layout, as its chat template writes a conversation and its fine-tuning script trains
+    it: `[gMASK]<sop>`, then per message its role token, the metadata line and the text; a prompt for
+    generation ends with `<|assistant|>`. A tool call is the tool's name on the metadata line and the arguments as
+    JSON; the tools a Chinese introduction and each function's JSON in a system message first
+    (glmtune.data.tool_format). After the last answer comes `<|user|>`, the end token the official script trains.
     """
 
     name = "glm4"
+    prefix = ("[gMASK]", "<sop>")
+    end_token = "<|user|>"
+    skip_empty = True
 
-    def render(self, messages: list[Message], *, protect: bool = False) -> list[Segment]:
-        segments: list[Segment] = []
-        pending = [Part("[gMASK]", False, special=True), Part("<sop>", False, special=True)]
-        for message in messages:
-            if message.role == "assistant":
-                segments.append(Segment(pending + [Part("<|assistant|>", False, special=True)]))
-                segments.append(Segment([Part("\n", False), Part(message.content, True)], answer=True,
-                                        trainable=message.trainable))
-                pending = []
-            else:
-                pending += [Part(f"<|{message.role}|>", False, special=True), Part("\n", False),
-                            Part(message.content, True)]
-        if pending:
-            segments.append(Segment(pending + [Part("<|assistant|>", False, special=True)]))
-        return [Segment([p for p in s.parts if p.text], s.answer, s.trainable) for s in segments]
+    def tools_text(self, tools: list[dict]) -> str:
+        return glm4_tools_text(tools)
+
+    def call_text(self, call) -> str:
+        return json_call_text(call)
 
 
 # The layouts a family's table row names (glmtune.families): its own, or its fallback without a chat template.
@@ -349,12 +440,11 @@ FAMILY_TEMPLATES = {t.name: t for t in (ChatGLMTemplate, ChatGLM2Template, ChatG
 
 
 def get_template(name: str, tokenizer, family: str = "generic") -> Template:
-    """The template called `name` ('auto' picks the family's own, else the chat template, else the family's
-    fallback layout, else plain)."""
+    """The template called `name` ('auto' picks the family's own layout, else its default layout (GLM-4's, which
+    leaves `chat` open) where the tokenizer has that layout's tokens, else the chat template, else plain)."""
     facts = family_facts(family)
     fallback = FAMILY_TEMPLATES[facts.fallback_template] if facts.fallback_template else None
-    if fallback is not None and (name == fallback.name or (name == "auto" and not getattr(tokenizer, "chat_template",
-                                                                                         None))):
+    if fallback is not None and (name == fallback.name or (name == "auto" and fallback.fits(tokenizer))):
         return fallback()
     own = FAMILY_TEMPLATES[facts.template] if facts.template else None
     if own is not None:

@@ -17,7 +17,7 @@ from glmtune.config import GenerationOptions
 from glmtune.data.collate import PadCollator
 from glmtune.data.formats import Message, Sample
 from glmtune.data.preprocess import Encoder, LengthLimits
-from glmtune.data.templates import get_template
+from glmtune.data.templates import Part, Segment, get_template
 from glmtune.errors import GlmtuneError
 from glmtune.models.loader import LoadedModel, context_length
 
@@ -54,6 +54,12 @@ class _Streamer:
 
     def end(self) -> None:
         pass
+
+
+def _given(tools: list[dict] | None) -> dict:
+    """Encoder.prompt_ids' `tools` argument, passed only when there are tools (so that a stand-in for it without
+    that argument, as tests use, still works for everything else)."""
+    return {"tools": tools} if tools else {}
 
 
 class _StopWhen:
@@ -96,15 +102,32 @@ class Generator:
     def quantization_bit(self) -> int | None:
         return self.loaded.quantization_bit
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        """The prompt tokens of a conversation that ends with a user message (not cut by `limits`)."""
-        return self.encoder.prompt_ids(messages)[0]
+    @property
+    def template_name(self) -> str:
+        """The prompt format in use: chatglm, chatglm2, chatglm3, glm4, chat or plain (glmtune.data.templates)."""
+        return self.encoder.template.name
 
-    def inputs(self, conversations: list[list[Message]]) -> dict[str, torch.Tensor]:
-        """The model's inputs for a batch of conversations: prompts cut by `limits`, left-padded, on its device."""
+    @property
+    def family(self) -> str:
+        return self.loaded.family
+
+    def prompt_ids(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+        """The prompt tokens of a conversation that ends with a user message or a tool result (not cut by
+        `limits`); `tools`: the functions the model may call, written into the prompt as in training."""
+        return self.encoder.prompt_ids(messages, **_given(tools))[0]
+
+    def answer_start_ids(self, text: str) -> list[int]:
+        """Tokens that put `text` after a prompt as the start of the answer (e.g. a tool's name line, to make the
+        model call that tool), tokenized as training tokenizes an answer's first line; plain text, like messages."""
+        return self.encoder.encode_segment(Segment([Part(text, True, separate=True)]), split=False, plain=True).ids()
+
+    def inputs(self, conversations: list[list[Message]],
+               tools: list[list[dict] | None] | None = None) -> dict[str, torch.Tensor]:
+        """The model's inputs for a batch of conversations: prompts cut by `limits`, left-padded, on its device.
+        `tools`: each conversation's tool list (or None), as Sample.tools."""
         features = []
-        for messages in conversations:
-            ids, cut = self.encoder.prompt_ids(messages, self.limits)
+        for i, messages in enumerate(conversations):
+            ids, cut = self.encoder.prompt_ids(messages, self.limits, **_given(tools[i] if tools else None))
             self.prompts_cut += cut
             features.append({"input_ids": ids})
         return {k: v.to(self.device) for k, v in self.collate(features).items()}

@@ -6,13 +6,20 @@ thread generates for one request at a time, so concurrent clients never run over
 model. Message text is plain text: a message that spells a control token cannot forge a turn (Encoder). Each request receives its answer as events: text pieces as they are decoded, then one
 `Finished` (token counts and why it stopped) or one `Failed`. A request can be cancelled at any moment (a
 client that went away): generation stops at the next token.
+
+Tools (ChatGLM3 and GLM-4): a request may give the functions the model may call. They are written into the
+prompt as training wrote them, and the answer is read back: a message whose first line names a tool is a call,
+delivered as one `ToolCalled` event once it is complete (text messages still stream as they come), and the
+request finishes with "tool_calls". Tool results come back as `tool` messages in the next request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -20,14 +27,18 @@ import torch
 
 from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
+from glmtune.data.messages import ToolCall, tool_name
 from glmtune.data.prompt_template import chat_template_field, fill_message
+from glmtune.data.templates import Part, Segment, control_pattern
+from glmtune.data.tool_format import parse_tool_call
 from glmtune.errors import GlmtuneError
 from glmtune.inference.generate import Generator
 from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_STYLES = ("chatglm3", "glm4")  # the prompt formats with a tool-calling format (glmtune.data.tool_format)
 SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
 LONGEST_ANSWER = 2 ** 31 - 1  # max_new_tokens beyond this is refused even where the context length is unknown
 
@@ -52,13 +63,20 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     # True: generation.max_new_tokens is cut to what the context has left, too, instead of refused
     fit_context: bool = False
+    # the functions the model may call (OpenAI's or ChatGLM3's shape): written into the prompt, and the answer read
+    # as a call where it is one; None: neither (the model may still be shown earlier calls and their results)
+    tools: list[dict] | None = None
+    # a tool the answer must call: its name line is put after the prompt, so the model writes only the arguments
+    force_tool: str | None = None
 
 
 @dataclass
 class Finished:
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (stop token or stop string), "length" (max_new_tokens), "cancelled"
+    # "stop" (stop token or stop string), "length" (max_new_tokens), "tool_calls" (the answer called a tool),
+    # "cancelled"
+    finish_reason: str
 
 
 @dataclass
@@ -66,7 +84,15 @@ class Failed:
     message: str
 
 
-Event = str | Finished | Failed
+@dataclass
+class ToolCalled:
+    """A tool call in the answer (its id made here, as OpenAI's are); `index` counts the answer's calls from 0."""
+
+    call: ToolCall
+    index: int
+
+
+Event = str | ToolCalled | Finished | Failed
 
 
 @dataclass
@@ -76,6 +102,7 @@ class Job:
     generation: GenerationOptions  # the request's, with the answer length it gets
     deliver: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    tool_names: set[str] | None = None  # the answer is read for calls to these (a request with tools)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -122,6 +149,10 @@ class _AnswerText:
                     break
         return self._emit(text[:keep].rstrip())
 
+    def raw_text(self) -> str:
+        """The text generated so far as decoded, not stripped (a tool call's metadata line shows in it)."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
     def _emit(self, visible: str) -> str:
         if len(visible) <= len(self.emitted) or not visible.startswith(self.emitted):
             return ""
@@ -139,6 +170,96 @@ class _AnswerText:
     def completion_tokens(self) -> int:
         """Tokens generated, not counting the stop token that ended the answer."""
         return self.generated - (1 if self.ended_on_stop_token else 0)
+
+
+class _ToolAnswer:
+    """The answer to a request with tools, read as ChatGLM3 and GLM-4 write one: each assistant message starts with a
+    metadata line, empty for text and the tool's name for a call (the arguments follow), and a thought before a call,
+    or a second call, is a message of its own after another `<|assistant|>` token. Text messages stream as they come
+    (the metadata line's newline dropped, as `Generator.generate` strips it); a message whose first line is not empty
+    is held back until it ends, then read as a call, or given as text when it does not read as one. Several text
+    messages are joined with a newline. Used like _AnswerText: `add` each token, then `finish`."""
+
+    def __init__(self, tokenizer, stop_ids: set[int], stop_strings: list[str], style: str, names: set[str],
+                 forced: str | None = None):
+        self.new_message = lambda: _AnswerText(tokenizer, stop_ids, stop_strings)
+        self.style, self.names = style, names
+        token = tokenizer.convert_tokens_to_ids("<|assistant|>")
+        self.assistant_id = token if isinstance(token, int) and token != tokenizer.unk_token_id else None
+        self.message = self.new_message()
+        self.prefix = f"{forced}\n" if forced else ""  # the forced call's name line, in the prompt already
+        self.state = "held" if forced else "open"  # open: not known yet; text: streamed; held: maybe a call
+        self.calls: list[ToolCall] = []
+        self.texts = 0  # text messages given so far
+        self.generated = 0
+
+    @property
+    def hit_stop_string(self) -> bool:
+        return self.message.hit_stop_string
+
+    @property
+    def ended_on_stop_token(self) -> bool:
+        return self.message.ended_on_stop_token
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.generated - (1 if self.ended_on_stop_token else 0)
+
+    def add(self, token: int) -> list[str | ToolCalled]:
+        """Takes one generated token; returns what may be shown now: text pieces and finished calls."""
+        self.generated += 1
+        if token == self.assistant_id and not self.message.hit_stop_string:
+            out = self._end_message()
+            self.message, self.prefix, self.state = self.new_message(), "", "open"
+            return out
+        piece = self.message.add(token)
+        if self.state == "open":
+            self.state = self._decide()
+            piece = self.message.emitted if self.state == "text" else ""  # all that was held back so far
+        return [self._text(piece)] if self.state == "text" and piece else []
+
+    def finish(self) -> list[str | ToolCalled]:
+        return self._end_message()
+
+    def _decide(self) -> str:
+        """text, held or open, from the message's first line as decoded so far."""
+        raw = self.message.raw_text()
+        if "\n" not in raw:
+            return "open"
+        head, rest = raw.split("\n", 1)
+        if head.strip():
+            return "held"  # a tool's name
+        rest = rest.lstrip()
+        if not rest:
+            return "open"
+        # GLM-4 also reads a text answer that is {"name": ..., "arguments": ...} as a call (parse_tool_call)
+        return "held" if self.style == "glm4" and rest.startswith("{") else "text"
+
+    def _text(self, piece: str) -> str:
+        if self.message.emitted == piece:  # the message's first piece
+            self.texts += 1
+            if self.texts > 1:
+                return "\n" + piece
+        return piece
+
+    def _end_message(self) -> list[str | ToolCalled]:
+        tail = self.message.finish()
+        if self.state == "text":
+            return [self._text(tail)] if tail else []
+        text = self.message.emitted
+        if not self.prefix and not self.message.raw_text().split("\n", 1)[0].strip():
+            text = "\n" + text  # the empty metadata line (stripped from `emitted`) says: not a tool's name line
+        call = parse_tool_call(self.prefix + text, self.style, self.names)
+        if call is not None:
+            call.id = f"call_{uuid.uuid4().hex[:24]}"
+            self.calls.append(call)
+            return [ToolCalled(call, len(self.calls) - 1)]
+        shown = (self.prefix + self.message.emitted).strip()  # not a call after all: the text as the model wrote it
+        return [self._text_whole(shown)] if shown else []
+
+    def _text_whole(self, text: str) -> str:
+        self.texts += 1
+        return ("\n" if self.texts > 1 else "") + text
 
 
 class ChatEngine:
@@ -159,22 +280,35 @@ class ChatEngine:
         self._worker: threading.Thread | None = None
         self.answered = 0
         self.cancelled = 0
+        self.tool_style = tool_style(generator)
+        self._controls = control_pattern(self.tokenizer)
         # One prompt now: a fast tokenizer's first call may reset padding/truncation settings saved with it;
         # after that, the concurrent calls of prepare() only read the tokenizer.
         generator.prompt_ids([Message("user", "hi")])
 
     # -- requests -------------------------------------------------------------------------------
 
+    def tools_unsupported(self) -> str | None:
+        """Why this model cannot be given tools, or None where it can."""
+        if self.tool_style is not None:
+            return None
+        return (f"tools are supported for ChatGLM3 and GLM-4 models; this model's prompt format "
+                f"({self.generator.template_name}) has no tool-calling format")
+
     def prepare(self, request: ChatRequest, deliver: Callable[[Event], None]) -> Job:
         """Checks the conversation and tokenizes its prompt; raises BadRequest for what cannot be answered."""
         if not request.messages:
             raise BadRequest("messages must hold at least one message", "messages")
+        roles = ROLES if self.tool_style else ROLES[:3]  # tool results only where tools can be called
         for i, message in enumerate(request.messages):
-            if message.role not in ROLES:
+            if message.role not in roles:
                 raise BadRequest(f"messages[{i}].role is {message.role!r}; this model takes "
-                                 f"{', '.join(ROLES)}", f"messages[{i}].role")
-        if request.messages[-1].role != "user":
-            raise BadRequest("the last message must be the user's: the model answers it", "messages")
+                                 f"{', '.join(roles)}", f"messages[{i}].role")
+        tools = request.tools or None
+        self._check_tools(request.messages, tools, request.force_tool)
+        if request.messages[-1].role not in ("user", "tool"):
+            raise BadRequest("the last message must be the user's (or a tool's result): the model answers it",
+                             "messages")
         asked = request.generation
         # the HTTP API's names (max_tokens) in what a client is told
         if asked is not None and asked.seed is not None and not SEEDS[0] <= asked.seed <= SEEDS[1]:
@@ -182,12 +316,17 @@ class ChatEngine:
         if asked is not None and not 1 <= asked.max_new_tokens <= LONGEST_ANSWER:
             raise BadRequest(f"max_tokens must be between 1 and {LONGEST_ANSWER}", "max_tokens")
         messages = request.messages
-        if self.prompt_template:
-            messages = messages[:-1] + [Message("user", fill_message(self.prompt_template, messages[-1].content))]
+        questions = [i for i, m in enumerate(messages) if m.role == "user"]
+        if self.prompt_template and questions:  # the newest question (tool results may follow it)
+            messages = list(messages)
+            last = questions[-1]
+            messages[last] = replace(messages[last], content=fill_message(self.prompt_template, messages[last].content))
         try:
-            prompt_ids = self.generator.prompt_ids(messages)
+            prompt_ids = self.generator.prompt_ids(messages, tools=tools)
         except GlmtuneError as e:
             raise BadRequest(str(e), "messages") from None
+        if request.force_tool:
+            prompt_ids = prompt_ids + self.generator.answer_start_ids(f"{request.force_tool}\n")
         limit = self.context_length
         if limit is not None and len(prompt_ids) >= limit:
             raise BadRequest(f"the prompt is {len(prompt_ids)} tokens, but this model's context is {limit} tokens; "
@@ -200,7 +339,48 @@ class ChatEngine:
         elif room is not None and length > room:
             raise BadRequest(f"this model's context is {limit} tokens: the prompt takes {len(prompt_ids)}, "
                              f"which leaves {room} for the answer, but max_tokens is {length}", "max_tokens")
-        return Job(request, prompt_ids, replace(generation, max_new_tokens=length), deliver)
+        names = {tool_name(t) for t in tools} if tools else None
+        return Job(request, prompt_ids, replace(generation, max_new_tokens=length), deliver, tool_names=names)
+
+    def _check_tools(self, messages: list[Message], tools: list[dict] | None, force: str | None) -> None:
+        """Tools, earlier calls and their results only for a model that has a format for them; names (and, in a
+        chat template, the tools and arguments, which it writes as it likes) that would read as control tokens
+        are refused, since the layouts write them as scaffolding; results and arguments are plain message text."""
+        used = [i for i, m in enumerate(messages) if m.role == "tool" or m.tool_calls]
+        problem = self.tools_unsupported() if tools or force or used else None
+        if problem:
+            raise BadRequest(problem, "tools" if tools or force else f"messages[{used[0]}]")
+        names = [tool_name(t) for t in tools or ()]
+        if force is not None and force not in names:
+            raise BadRequest(f"tool_choice names {force!r}, which is not among the tools "
+                             f"({', '.join(map(str, names)) or 'none given'})", "tool_choice")
+        chat_template = self.generator.template_name == "chat"
+        for i, tool in enumerate(tools or ()):
+            text = json.dumps(tool, ensure_ascii=False) if chat_template else str(tool_name(tool))
+            if self._reads_control_tokens(text):
+                raise BadRequest(f"tools[{i}] spells a control token of this model", f"tools[{i}]")
+        for i in used:
+            for call in messages[i].tool_calls:
+                text = call.as_json() if chat_template else call.name
+                if self._reads_control_tokens(text):
+                    raise BadRequest(f"messages[{i}]: the call of {call.name[:60]!r} spells a control token of "
+                                     "this model", f"messages[{i}].tool_calls")
+        results = next((n for n, m in enumerate(reversed(messages)) if m.role != "tool"), len(messages))
+        calls = len(messages[-results - 1].tool_calls) if results < len(messages) else 0
+        if results > calls:
+            raise BadRequest("a tool result with no tool call before it", f"messages[{len(messages) - 1}]")
+        if 0 < results < calls:  # the model would answer in the missing results' place
+            raise BadRequest(f"{calls - results} tool call(s) of the last assistant message have no result; send "
+                             "each result as a tool message", "messages")
+
+    def _reads_control_tokens(self, text: str) -> bool:
+        """Whether `text`, written by a template as scaffolding, would yield control tokens, not plain text."""
+        if not text or self._controls is None or not self._controls.search(text):
+            return False
+        def ids(content: bool) -> list[int]:
+            return self.generator.encoder.encode_segment(Segment([Part(text, content)]), split=False, plain=True).ids()
+
+        return ids(False) != ids(True)
 
     def submit(self, job: Job) -> None:
         self.start()
@@ -281,24 +461,45 @@ class ChatEngine:
         return advice
 
     def _generate(self, job: Job) -> Finished:
-        answer = _AnswerText(self.tokenizer, self.generator.stop_ids, job.request.stop)
+        answer: _AnswerText | _ToolAnswer
+        if job.tool_names is not None:
+            answer = _ToolAnswer(self.tokenizer, self.generator.stop_ids, job.request.stop, self.tool_style,
+                                 job.tool_names, job.request.force_tool)
+        else:
+            answer = _AnswerText(self.tokenizer, self.generator.stop_ids, job.request.stop)
+
+        def deliver(events) -> None:
+            for event in events if isinstance(events, list) else [events]:
+                if event and not job.cancelled.is_set():
+                    job.deliver(event)
 
         def on_token(token: int) -> None:
-            piece = answer.add(token)
-            if piece and not job.cancelled.is_set():
-                job.deliver(piece)
+            deliver(answer.add(token))
 
         if job.generation.seed is not None:
             torch.manual_seed(job.generation.seed)
         self.generator.stream(job.prompt_ids, job.generation, on_token,
                               should_stop=lambda: job.cancelled.is_set() or answer.hit_stop_string)
-        tail = answer.finish()
-        if tail and not job.cancelled.is_set():
-            job.deliver(tail)
+        deliver(answer.finish())
         if job.cancelled.is_set():
             reason = "cancelled"
+        elif isinstance(answer, _ToolAnswer) and answer.calls:
+            reason = "tool_calls"
         elif answer.hit_stop_string or answer.ended_on_stop_token:
             reason = "stop"
         else:
             reason = "length"
         return Finished(len(job.prompt_ids), answer.completion_tokens, reason)
+
+
+def tool_style(generator: Generator) -> str | None:
+    """How `generator`'s model writes tool calls (parse_tool_call's style), or None where its prompt format has no
+    tool-calling format: ChatGLM3's and GLM-4's own layouts, and GLM-4's chat template where it renders tools."""
+    name = generator.template_name
+    if name in TOOL_STYLES:
+        return name
+    if name == "chat" and generator.family == "glm4":
+        source = getattr(generator.tokenizer, "chat_template", None) or ""
+        source = source if isinstance(source, str) else "".join(map(str, dict(source).values()))
+        return "glm4" if "tools" in source else None
+    return None

@@ -6,6 +6,11 @@ needed; for readiness checks). Errors use OpenAI's JSON shape, `{"error": {"mess
 asked, 401 for a missing or wrong key, 503 when the queue is full, 500 when generation itself failed.
 The request's `model` field is not checked: one server serves one model, whatever a client calls it.
 
+Tools (ChatGLM3 and GLM-4 models): `tools` and `tool_choice` ("auto", "none", "required" with one tool, or a
+named function) as OpenAI's API takes them; a call in the answer comes back as the message's `tool_calls` with
+finish_reason "tool_calls" (streamed as one delta once the call is complete), and the next request carries the
+assistant message with its `tool_calls` and a `tool` message per result. Other models answer 400 to tools.
+
 Every request passes a guard first (pure ASGI, see _Guard): the `Host` header must name this server
 (DNS rebinding), a browser's `Origin` must be this server or one given with `--allow-origin` (no CORS
 headers otherwise), the key must match on every route but /health, a POST must be JSON (a web page cannot
@@ -19,6 +24,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import replace
@@ -34,7 +40,9 @@ from starlette.exceptions import HTTPException
 
 from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
-from glmtune.serve.engine import BadRequest, Busy, ChatEngine, ChatRequest, Failed, Finished
+from glmtune.data.messages import read_turn
+from glmtune.errors import GlmtuneError
+from glmtune.serve.engine import ROLES, BadRequest, Busy, ChatEngine, ChatRequest, Failed, Finished, ToolCalled
 from glmtune.serve.network import AllowedHosts, host_name
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,9 @@ MAX_STOP_STRINGS = 4  # as OpenAI's API
 # (escaped as \uXXXX); 4 MiB leaves room for that and refuses what no context could hold.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's head, and again for its body, to arrive
+# A function name as OpenAI's API allows it (letters, digits, _ and -, at most 64), and dots: one word on the
+# metadata line of ChatGLM3's and GLM-4's call format.
+TOOL_NAME = re.compile(r"[\w.-]{1,64}")
 
 
 class _Strict(BaseModel):
@@ -58,11 +69,12 @@ class _TextPart(_Strict):
 
 class _MessageIn(_Strict):
     role: str
-    content: str | list[_TextPart]
+    content: str | list[_TextPart] | None = None  # None only in an assistant message with tool_calls
     name: str | None = None
+    tool_calls: list[Any] | None = None  # an assistant's calls, as this server answered them (read by read_turn)
+    tool_call_id: str | None = None  # a tool message's: the call it answers
     # What an OpenAI client sends back with an earlier answer; accepted only empty.
     refusal: str | None = None
-    tool_calls: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
     annotations: list[Any] | None = None
@@ -76,12 +88,11 @@ class _StreamOptions(_Strict):
 # OpenAI fields this server does not implement, each accepted only at a value that changes nothing here.
 NEUTRAL: dict[str, tuple] = {
     "n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
-    "logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-    "functions": ([],), "function_call": ("none",), "modalities": (["text"],), "audio": (), "prediction": (),
-    "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+    "logit_bias": ({},), "response_format": ({"type": "text"},), "functions": ([],), "function_call": ("none",),
+    "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (), "verbosity": (),
+    "web_search_options": (),
 }
-MESSAGE_NEUTRAL: dict[str, tuple] = {"name": (), "refusal": (), "tool_calls": ([],), "function_call": (),
-                                     "audio": (), "annotations": ([],)}
+MESSAGE_NEUTRAL: dict[str, tuple] = {"name": (), "refusal": (), "function_call": (), "audio": (), "annotations": ([],)}
 
 
 class ChatCompletionBody(_Strict):
@@ -109,7 +120,7 @@ class ChatCompletionBody(_Strict):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # about tool calls, which never happen here
+    parallel_tool_calls: bool | None = None  # ChatGLM3 and GLM-4 call one tool per answer (rarely more) anyway
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -139,14 +150,8 @@ class ChatCompletionBody(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise BadRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
-        messages = []
-        for i, m in enumerate(self.messages):
-            for name, neutral in MESSAGE_NEUTRAL.items():
-                if getattr(m, name) is not None and getattr(m, name) not in neutral:
-                    raise BadRequest(f"messages[{i}].{name} is not supported by this server",
-                                     f"messages[{i}].{name}")
-            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-            messages.append(Message(m.role, content))
+        messages = self._messages()
+        tools, force = self._tools()
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise BadRequest("max_tokens and max_completion_tokens differ; send one of them", "max_tokens")
@@ -154,7 +159,99 @@ class ChatCompletionBody(_Strict):
         given = {"max_new_tokens": length, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
         generation = replace(defaults, **{k: v for k, v in given.items() if v is not None})
         # without max_tokens the answer gets the engine's length, cut to what the context has left
-        return ChatRequest(messages, generation, stop=stops, fit_context=length is None)
+        return ChatRequest(messages, generation, stop=stops, fit_context=length is None, tools=tools,
+                           force_tool=force)
+
+    def _messages(self) -> list[Message]:
+        """The conversation. One with tool calls or results is read as training data is (read_turn): calls
+        followed by their results, in order, so that a misplaced one is a 400 naming it."""
+        with_tools = any(m.role == "tool" or m.tool_calls for m in self.messages)
+        messages: list[Message] = []
+        for i, m in enumerate(self.messages):
+            where = f"messages[{i}]"
+            for name, neutral in MESSAGE_NEUTRAL.items():
+                if getattr(m, name) is not None and getattr(m, name) not in neutral:
+                    raise BadRequest(f"{where}.{name} is not supported by this server", f"{where}.{name}")
+            if m.role not in ROLES:
+                raise BadRequest(f"{where}.role is {m.role!r}; this server takes {', '.join(ROLES)}", f"{where}.role")
+            if m.tool_calls and m.role != "assistant":
+                raise BadRequest(f"{where}.tool_calls: only an assistant message calls tools", f"{where}.tool_calls")
+            if m.tool_call_id is not None and m.role != "tool":
+                raise BadRequest(f"{where}.tool_call_id belongs to tool messages only", f"{where}.tool_call_id")
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(p.text for p in content)
+            if content is None and not (m.role == "assistant" and m.tool_calls):
+                raise BadRequest(f"{where}.content is missing (only an assistant message with tool_calls may leave "
+                                 "it out)", f"{where}.content")
+            if not with_tools:
+                messages.append(Message(m.role, content))
+                continue
+            turn: dict[str, Any] = {"role": m.role, "content": content}
+            if m.tool_calls:
+                turn["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                turn["tool_call_id"] = m.tool_call_id
+            try:
+                read_turn(messages, turn, where)
+            except GlmtuneError as e:
+                raise BadRequest(str(e), where) from None
+        return messages
+
+    def _tools(self) -> tuple[list[dict] | None, str | None]:
+        """The tools to write into the prompt (None: none, the answer is text) and the one it must call, if any."""
+        tools = self.tools or None
+        names = _check_tools(tools) if tools else []
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str) or set(choice) - {"type", "function"}:
+                raise BadRequest('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                                 f'{{"name": NAME}}}}, got {json.dumps(choice)[:80]}', "tool_choice")
+        elif choice not in ("auto", "none", "required"):
+            raise BadRequest(f'tool_choice must be "auto", "none", "required" or {{"type": "function", "function": '
+                             f'{{"name": NAME}}}}, got {json.dumps(choice)[:80]}', "tool_choice")
+        else:
+            name = None
+        if choice == "none":
+            return None, None  # the tools stay out of the prompt: the model answers in text
+        if not tools:
+            raise BadRequest(f"tool_choice {json.dumps(choice)[:80]} needs tools: give the functions the model may "
+                             "call", "tool_choice")
+        if choice == "required":
+            if len(names) != 1:
+                raise BadRequest(f'tool_choice "required" works here with one tool only (this server makes the model '
+                                 f'call it); with {len(names)}, name the one to call: {{"type": "function", '
+                                 '"function": {"name": NAME}}', "tool_choice")
+            name = names[0]
+        if name is not None and name not in names:
+            raise BadRequest(f"tool_choice names function {name[:80]!r}, which is not in tools ({', '.join(names)})",
+                             "tool_choice")
+        return tools, name
+
+
+def _check_tools(tools: list[Any]) -> list[str]:
+    """The function names of OpenAI-shaped `tools`; a 400 naming the first entry that is not one."""
+    names: list[str] = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise BadRequest(f'{where} must be {{"type": "function", "function": {{"name": ..., "description": ..., '
+                             f'"parameters": {{...}}}}}} (the only kind of tool here), got {json.dumps(tool)[:80]}',
+                             where)
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise BadRequest(f"{where}.function.name must be 1 to 64 letters, digits, underscores, dots or dashes, got "
+                             f"{json.dumps(name, ensure_ascii=False)[:80]}", f"{where}.function.name")
+        if name in names:
+            raise BadRequest(f"{where}.function.name {name!r} is given twice", f"{where}.function.name")
+        for key, kind, label in (("description", str, "a string"), ("parameters", dict, "a JSON schema object")):
+            if function.get(key) is not None and not isinstance(function[key], kind):
+                raise BadRequest(f"{where}.function.{key} must be {label}", f"{where}.function.{key}")
+        names.append(name)
+    return names
 
 
 def _error(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
@@ -358,6 +455,7 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
 
         watcher = asyncio.create_task(watch())
         pieces: list[str] = []
+        calls: list[dict[str, Any]] = []
         try:
             while True:
                 event = await events.get()
@@ -365,6 +463,8 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
                     return _error(499, "client went away")
                 if isinstance(event, str):
                     pieces.append(event)
+                elif isinstance(event, ToolCalled):
+                    calls.append(_tool_call(event))
                 elif isinstance(event, Failed):
                     return _error(500, event.message, kind="server_error")
                 else:
@@ -372,10 +472,12 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
         finally:
             watcher.cancel()
             job.cancel()  # no effect once finished; frees the model if this handler was cancelled
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
         return {
             "id": completion_id, "object": "chat.completion", "created": stamp, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": event.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": event.finish_reason}],
             "usage": _usage(event),
         }
 
@@ -388,6 +490,13 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
     # Outside the guard: a preflight gets its answer, and the guard's refusals carry the CORS headers too.
     return CORSMiddleware(guarded, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                           allow_headers=["authorization", "content-type"])
+
+
+def _tool_call(event: ToolCalled) -> dict[str, Any]:
+    """A call as OpenAI writes it: the arguments as a JSON string."""
+    call = event.call
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
 
 
 def _usage(finished: Finished) -> dict[str, int]:
@@ -414,6 +523,8 @@ async def _sse(job, events: asyncio.Queue, completion_id: str, stamp: int, model
             event = await events.get()
             if isinstance(event, str):
                 yield chunk({"content": event})
+            elif isinstance(event, ToolCalled):  # whole: the engine holds a call back until it is complete
+                yield chunk({"tool_calls": [{"index": event.index, **_tool_call(event)}]})
             elif isinstance(event, Failed):
                 error = {"error": {"message": event.message, "type": "server_error", "param": None, "code": None}}
                 yield f"data: {json.dumps(error)}\n\n"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glmtune.config import TrainConfig, resolve, to_yaml
+from glmtune.data.mixing import MixReport, encode_mixture
 from glmtune.data.preprocess import IGNORE_INDEX, Encoder, TruncationReport, encode_samples
 from glmtune.data.templates import get_template
 from glmtune.errors import GlmtuneError, one_line
@@ -56,6 +57,7 @@ class DryRun:
     writes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     memory: MemoryEstimate | None = None  # peak GPU memory of the worst training step
+    mix: MixReport | None = None  # each file's share, when train_file mixes files
 
     def render(self) -> str:
         cfg = self.config
@@ -70,9 +72,14 @@ class DryRun:
         limits = length_limits(cfg).describe()
         for item in self.data:
             r = item.report
-            lines.append(f"{item.name} data: {r.samples} samples, {item.tokens:,} tokens ({item.answer_tokens:,} in "
-                         f"answers); cut: {r.samples_cut} samples (prompts {r.prompts_cut}, answers {r.answers_cut}, "
-                         f"later turns dropped {r.turns_dropped}, tokens dropped {r.tokens_dropped}) with {limits}")
+            mixed = item.name == "train" and self.mix is not None  # repeated rows are tokenized and cut once
+            count = f"{self.mix.samples} samples ({r.samples} distinct rows)" if mixed else f"{r.samples} samples"
+            lines.append(f"{item.name} data: {count}, {item.tokens:,} tokens ({item.answer_tokens:,} in answers); cut: "
+                         f"{r.samples_cut} {'rows' if mixed else 'samples'} (prompts {r.prompts_cut}, answers "
+                         f"{r.answers_cut}, later turns dropped {r.turns_dropped}, tokens dropped {r.tokens_dropped}) "
+                         f"with {limits}")
+            if mixed:
+                lines += self.mix.lines()
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps * self.processes
         what = "packed sequences" if cfg.packing else "samples"
         lines.append(f"steps: {self.steps} optimizer steps of {per_step} {what} (batch_size {cfg.batch_size} x "
@@ -211,7 +218,7 @@ def _memory(cfg: TrainConfig, model, features: list[dict], quantization: Quantiz
 def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
     """Everything `glmtune train` checks before training, with the model built on the meta device."""
     cfg = resolve(cfg)
-    train_samples, dev_samples = load_data(cfg)
+    mixture, dev_samples = load_data(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     args = training_arguments(cfg, out, bool(dev_samples))  # refuses what the Trainer would (precision, ...)
     resume_from, earlier = check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, cfg=cfg)
@@ -226,14 +233,17 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
         check_bitsandbytes(default_device(), family)
     template = get_template(cfg.template, tokenizer, family)
     encoder = Encoder(tokenizer, template, _stop_ids(tokenizer, family, path),
-                      split_special_tokens=cfg.split_special_tokens)
+                      split_special_tokens=cfg.split_special_tokens, train_on=cfg.train_on)
     limits = length_limits(cfg)
-    summaries, train_features = [], []
-    for name, samples in (("train", train_samples), ("dev", dev_samples)):
+    summaries = []
+    # the training set as training encodes it (each distinct row of a mix once), without the cache
+    train_features, train_report, mix = encode_mixture(mixture, encoder, limits, key_extra={}, enabled=False,
+                                                       progress=False)
+    for name, samples in (("train", train_features), ("dev", dev_samples)):
         if not samples:
             continue
-        features, report = encode_samples(samples, encoder, limits, name=name, progress=False)
-        train_features = features if name == "train" else train_features
+        features, report = ((train_features, train_report) if name == "train" else
+                            encode_samples(samples, encoder, limits, name=name, progress=False))
         tokens = sum(len(f["input_ids"]) for f in features)
         answer_tokens = sum(sum(1 for label in f["labels"] if label != IGNORE_INDEX) for f in features)
         summaries.append(DataSummary(name, report, tokens, answer_tokens))
@@ -263,5 +273,8 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
         notes.append(f"the checkpoint is stored quantized to {stored} bits; the total above counts its packed weights "
                      "(two 4-bit values to an element)" if int(stored) == 4 else
                      f"the checkpoint is stored quantized to {stored} bits")
+    writes = _writes(resolved, steps, bool(dev_samples), resume_from, earlier)
+    if mix is not None:
+        writes.insert(1, f"{out}/data_mix.json: each file's share of the training set (the table above)")
     return DryRun(resolved, family, path, weight_files, trainable, total, summaries, sequences, steps, epochs,
-                  processes, _writes(resolved, steps, bool(dev_samples), resume_from, earlier), notes, memory)
+                  processes, writes, notes, memory, mix)

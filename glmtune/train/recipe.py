@@ -25,6 +25,7 @@ from glmtune.config import TrainConfig, resolve
 from glmtune.data.cache import dataset_cache_usable, encode_cached
 from glmtune.data.collate import PackCollator, PadCollator
 from glmtune.data.formats import load_samples
+from glmtune.data.mixing import Mixture, MixReport, encode_mixture, load_mixture
 from glmtune.data.packing import pack_features
 from glmtune.data.preprocess import Encoder, LengthLimits, TruncationReport
 from glmtune.data.templates import Template, get_template
@@ -78,6 +79,7 @@ class Prepared:
     method: Any  # glmtune.methods' method object
     parameters: dict[str, Any]  # the method's parameters, as the adapter records them
     model: Any  # the base with the method applied
+    mix: MixReport | None = None  # each file's share of the training set, when train_file mixes files
 
 
 REPORTING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
@@ -175,24 +177,25 @@ def columns(cfg: TrainConfig) -> dict[str, Any]:
             "prompt_template": cfg.prompt_template}
 
 
-def load_data(cfg: TrainConfig) -> tuple[list, list]:
-    """The training and dev samples a run uses (train, bench, and `--dry-run`, which checks the same way)."""
+def load_data(cfg: TrainConfig) -> tuple[Mixture, list]:
+    """The training samples (one file, or several mixed: glmtune/data/mixing.py) and dev samples a run uses
+    (train, bench, and `--dry-run`, which checks the same way)."""
     if not cfg.train_file:
         raise GlmtuneError("train_file is required (a JSON or JSONL file; see `glmtune data validate`)")
     if cfg.deepspeed:
         check_deepspeed(cfg.deepspeed)
     read_with = columns(cfg)
-    train_samples, fmt = load_samples(cfg.train_file, **read_with)
+    mixture = load_mixture(cfg.train_file, read_with=read_with, seed=cfg.seed, max_samples=cfg.max_train_samples)
     dev_samples = load_samples(cfg.dev_file, **read_with)[0] if cfg.dev_file else []
-    train_samples = train_samples[: cfg.max_train_samples] if cfg.max_train_samples else train_samples
     dev_samples = dev_samples[: cfg.max_eval_samples] if cfg.max_eval_samples else dev_samples
-    log.info("data: %d training samples (%s format)%s", len(train_samples), fmt.name,
+    formats = sorted({part.format for part in mixture.parts})
+    log.info("data: %d training samples (%s format)%s", len(mixture.order), ", ".join(formats),
              f", {len(dev_samples)} dev samples" if dev_samples else "")
 
     if not dev_samples and (cfg.eval_steps or cfg.eval_on_start):
         log.warning("eval_steps / eval_on_start have no effect without dev_file")
     _check_task_rows(cfg, dev_samples)
-    return train_samples, dev_samples
+    return mixture, dev_samples
 
 
 def _check_task_rows(cfg: TrainConfig, dev_samples) -> None:
@@ -276,7 +279,8 @@ def prepare(cfg: TrainConfig, loaded: LoadedModel | None = None, *, load: Callab
     dtype=, quantization=)` loads it (default load_model; bench passes load_random_model). `run_folder`: check output_dir as
     a training run writing there (RunFolder), before the model loads."""
     cfg = resolve(cfg)
-    train_samples, dev_samples = load_data(cfg)
+    mixture, dev_samples = load_data(cfg)
+    train_samples = mixture.samples()
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     # Built before the model loads: under torchrun this joins the process group, and DeepSpeed ZeRO-3 must
     # be configured before from_pretrained to load the weights already partitioned.
@@ -291,12 +295,17 @@ def prepare(cfg: TrainConfig, loaded: LoadedModel | None = None, *, load: Callab
     set_seed(cfg.seed)  # before the method initialises its weights, so a seed fixes the whole run
     loaded = loaded or (load or load_model)(cfg.model, dtype=cfg.dtype, quantization=requested_quantization(cfg))
     template = get_template(cfg.template, loaded.tokenizer, loaded.family)
-    encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids, split_special_tokens=cfg.split_special_tokens)
+    encoder = Encoder(loaded.tokenizer, template, loaded.stop_ids, split_special_tokens=cfg.split_special_tokens,
+                      train_on=cfg.train_on)
     limits = length_limits(cfg)
     key = {**columns(cfg), "template": template.name}
-    train_features, train_report, _ = encode_cached(cfg.train_file, train_samples, encoder, limits, name="train",
-                                                    key_extra=key, enabled=use_cache, progress=progress)
-    log.info(train_report.summary("train", limits))
+    if cfg.train_on != "all_assistant":  # (only then: earlier cache entries keep their keys)
+        key["train_on"] = cfg.train_on
+    train_features, train_report, mix = encode_mixture(mixture, encoder, limits, key_extra=key, enabled=use_cache,
+                                                       progress=progress)
+    log.info(train_report.summary("train" if mix is None else "train (distinct rows of the mix)", limits))
+    for line in mix.lines() if mix else []:
+        log.info(line)
     dev_features, dev_report = [], None
     if dev_samples:
         dev_features, dev_report, _ = encode_cached(cfg.dev_file, dev_samples, encoder, limits, name="dev",
@@ -339,7 +348,7 @@ def prepare(cfg: TrainConfig, loaded: LoadedModel | None = None, *, load: Callab
         cfg = replace(cfg, memory_budget=round(recompute.budget_bytes / GIB, 2))  # the budget auto used
     return Prepared(cfg, out, args, folder, train_samples, dev_samples, loaded, template, limits, train_features,
                     train_report, dev_features, dev_report, collator, eval_collator, recompute, method, parameters,
-                    model)
+                    model, mix)
 
 
 def _plan_recompute(cfg: TrainConfig, args, loaded: LoadedModel, model, features, *, one_row: bool) -> RecomputePlan:

@@ -25,7 +25,7 @@ from glmtune.train.runlock import RunLock
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("resolved_config.yaml", "train_log.jsonl", "loss.png", "metrics.json", "adapter", "best", "report.md",
-             "base", "tuned")
+             "base", "tuned", "data_mix.json")
 
 
 def default_output_dir(prefix: str = "train") -> Path:

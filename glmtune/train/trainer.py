@@ -3,6 +3,7 @@ adapter and the metrics around them.
 
 Layout of a run (OUT = output_dir):
     OUT/resolved_config.yaml  OUT/train_log.jsonl  OUT/loss.png  OUT/metrics.json
+    OUT/data_mix.json  (when train_file mixes several files: each file's share, glmtune/data/mixing.py)
     OUT/checkpoint-N/  (Trainer state, for --resume)
     OUT/adapter/       (final)   OUT/best/  (lowest eval loss)
 """
@@ -58,6 +59,7 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
     with contextlib.ExitStack() as held:  # the run folder's lock, from taking it to the end of the run
         prepared = prepare(cfg, loaded, run_folder=True)
         prepared.folder.open(prepared.cfg, prepared.model, held)
+        _record_mix(prepared)
         trainable = _log_parameters(prepared)
         guard, progress = NonFiniteGuard(cfg.nonfinite, cfg.max_nonfinite_steps), ProgressBar()
         trainer = build_trainer(prepared, _callbacks(prepared, guard, progress))
@@ -66,6 +68,18 @@ def run_training(cfg: TrainConfig, loaded: LoadedModel | None = None) -> TrainRe
         train_output = _train(prepared, trainer, guard, progress)
         usage = _batches_and_memory(prepared, trainer, memory)
         return _finish(prepared, trainer, train_output, guard, trainable, usage)
+
+
+def _record_mix(prepared: Prepared) -> None:
+    """OUT/data_mix.json: what each file of a mix gave, written as training starts (a resumed run's data may
+    have changed: one that no longer mixes files drops the old record)."""
+    if not is_main_process():
+        return
+    path = prepared.out / "data_mix.json"
+    if prepared.mix is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_text(path, json.dumps(_finite(prepared.mix.to_dict()), indent=2, ensure_ascii=False) + "\n")
 
 
 def _batches_and_memory(prepared: Prepared, trainer, memory: PeakMemory) -> dict[str, Any]:
