@@ -176,11 +176,11 @@ def failing_batch(monkeypatch):
         original = Generator._new_tokens
         calls = []
 
-        def new_tokens(self, conversations, sampling):
+        def new_tokens(self, conversations, sampling, tools=None):
             calls.append(len(conversations))
             if len(calls) == n:
                 raise torch.OutOfMemoryError(CUDA_MESSAGE)
-            return original(self, conversations, sampling)
+            return original(self, conversations, sampling, tools)
 
         monkeypatch.setattr(Generator, "_new_tokens", new_tokens)
         return calls

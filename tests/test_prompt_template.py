@@ -141,9 +141,9 @@ def asked(monkeypatch):
 
     seen, real = [], preprocess.Encoder.prompt_ids
 
-    def spy(self, messages, limits=None):
+    def spy(self, messages, limits=None, tools=None):
         seen.append(messages[-1].content)
-        return real(self, messages, limits)
+        return real(self, messages, limits, tools)
 
     monkeypatch.setattr(preprocess.Encoder, "prompt_ids", spy)
     return seen

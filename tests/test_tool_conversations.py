@@ -213,7 +213,7 @@ def test_layouts_without_tool_format_refuse_tool_conversations(write_jsonl, tiny
         tok, _, _ = load_tokenizer(str(tiny_family_dir(family)))
         with pytest.raises(GlmtuneError, match="layout has no tool-calling format"):
             encode_samples([sample], _encoder(tok, family), LengthLimits(), progress=False)
-    with pytest.raises(GlmtuneError, match="data.jsonl:1: .*chat template has no place for tool definitions or tool calls or tool results"):
+    with pytest.raises(GlmtuneError, match="data.jsonl:1: .*chat template leaves out tool definitions and tool calls;"):
         encode_samples([sample], _encoder(tokenizer, "generic", "chat"), LengthLimits(), progress=False)
 
 
@@ -363,3 +363,37 @@ def test_a_mix_keeps_every_sample_a_conversation_gives(write_jsonl, tiny_family_
                             LengthLimits(), progress=False)
     assert len(one) == 2
     assert shares["conversations.jsonl"].trained_tokens == 4 * sum(t != IGNORE_INDEX for f in one for t in f["labels"])
+
+
+def test_predict_gives_each_row_its_tools_and_reads_calls_as_references_write_them(tiny_family_dir, tmp_path,
+                                                                                   monkeypatch):
+    from importlib.resources import files
+
+    from glmtune.config import GenerationOptions
+    from glmtune.data import preprocess
+    from glmtune.evaluate.predictions import write_predictions
+    from glmtune.inference.generate import Generator
+    from glmtune.models.loader import load_model
+
+    samples, _ = load_samples(str(files("glmtune") / "sample_data" / "tools_dev.jsonl"), require_answer=False)
+    asked = [s for s in samples if s.tools][:2]
+    seen, real = [], preprocess.Encoder.prompt_ids
+
+    def spy(self, messages, limits=None, tools=None):
+        seen.append(tools)
+        return real(self, messages, limits, tools)
+
+    monkeypatch.setattr(preprocess.Encoder, "prompt_ids", spy)
+    generator = Generator(load_model(str(tiny_family_dir("chatglm3"))))
+    write_predictions(generator, asked, tmp_path / "p.jsonl", generation=GenerationOptions(max_new_tokens=2),
+                      progress=False)
+    assert seen and all(tools == asked[i % 2].tools for i, tools in enumerate(seen[-2:]))
+
+    tokenizer = generator.tokenizer
+    call = next(m for s in samples for m in s.messages if m.tool_calls and not m.content)
+    from glmtune.data.tool_format import python_call_text
+
+    written = tokenizer.encode(f"{call.tool_calls[0].name}\n" + python_call_text(call.tool_calls[0]),
+                               add_special_tokens=False)
+    assert generator._answer_text(written, asked[0].tools) == call.reference_text()
+    assert generator._answer_text(written, None) != call.reference_text()  # without tools: the text as written

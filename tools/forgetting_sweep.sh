@@ -6,7 +6,7 @@
 #     base model, eval_on_start) and after;
 #   - the task: `glmtune eval` on the first 40 rows of the sample dev set (extraction F1, classification
 #     accuracy), as the demo scores it.
-# Usage: tools/forgetting_sweep.sh OUT_DIR [NAME ...]   (no NAME: all four runs; about 25 minutes on 2 CPU cores)
+# Usage: tools/forgetting_sweep.sh OUT_DIR [NAME ...]   (no NAME: all five runs; about 30 minutes on 2 CPU cores)
 # Runs one after another: on a 2-core machine anything running beside them slows them several-fold.
 set -euo pipefail
 out=${1:?usage: tools/forgetting_sweep.sh OUT_DIR [NAME ...]}
@@ -21,8 +21,10 @@ declare -A runs=(
   [lora-mix30]="--train-file $data/train.jsonl $data/general_train.jsonl:0.3"
   [ptuning]="--method ptuning --train-file $data/train.jsonl"
   [ptuning-mix30]="--method ptuning --train-file $data/train.jsonl $data/general_train.jsonl:0.3"
+  # as many task samples as `lora` sees: 43 steps, 30 percent of them general (later options win)
+  [lora-mix30-43steps]="--train-file $data/train.jsonl $data/general_train.jsonl:0.3 --max-steps 43 --eval-steps 43"
 )
-order=(lora lora-mix30 ptuning ptuning-mix30)
+order=(lora lora-mix30 ptuning ptuning-mix30 lora-mix30-43steps)
 [ $# -gt 0 ] && order=("$@")
 
 mkdir -p "$out"
@@ -30,7 +32,7 @@ for name in "${order[@]}"; do
   [ -n "${runs[$name]+x}" ] || { echo "unknown run: $name" >&2; exit 2; }
   start=$(date +%s)
   # shellcheck disable=SC2086  # the options are meant to split into words
-  "$glmtune" train ${runs[$name]} "${common[@]}" --output-dir "$out/$name" > "$out/$name.log" 2>&1
+  "$glmtune" train "${common[@]}" ${runs[$name]} --output-dir "$out/$name" > "$out/$name.log" 2>&1
   "$glmtune" eval --adapter "$out/$name/adapter" --data "$data/dev.jsonl" --max-samples 40 --batch-size 64 \
     --max-new-tokens 200 --output "$out/$name/task_eval" --overwrite > "$out/$name.eval.log" 2>&1
   secs=$(( $(date +%s) - start ))

@@ -141,15 +141,26 @@ class ChatTemplate(Template):
         return out
 
     def _check_tools(self, messages: list[Message], tools: list[dict] | None) -> None:
-        """Refuse tool conversations the template would silently drop: it must mention what it is given."""
-        source = self.tokenizer.chat_template
-        source = source if isinstance(source, str) else "".join(map(str, dict(source).values()))
-        needs = [("tools", "tool definitions", bool(tools)), ("tool_calls", "tool calls", any(m.tool_calls for m in messages)),
-                 ("tool", "tool results", any(m.role == "tool" for m in messages))]
-        missing = [(name, what) for name, what, used in needs if used and name not in source]
-        if missing:
-            raise GlmtuneError(f"this model's chat template has no place for {' or '.join(w for _, w in missing)} "
-                               f"(it never mentions {', '.join(repr(n) for n, _ in missing)}); tool conversations "
+        """Refuse tool conversations the template would drop silently (e.g. GLM-4's, which reads tools from a
+        message, not from the `tools` argument): each kind of tool content must change what it renders."""
+        asked = Message("user", "?")
+        call = next((m for m in messages if m.tool_calls), None)
+        result = next((m for m in messages if m.role == "tool"), None)
+        dropped = []
+        if tools and self._apply([asked], True, None, tools) == self._apply([asked], True, None):
+            dropped.append("tool definitions")
+        if call is not None:
+            without = Message("assistant", call.content or "...")
+            if self._apply([asked, call], False, None, tools) == self._apply([asked, without], False, None, tools):
+                dropped.append("tool calls")
+            if result is not None:
+                answered = [asked, call, result]
+                if self._apply(answered, True, None, tools) == self._apply(answered[:2], True, None, tools):
+                    dropped.append("tool results")
+        elif result is not None:
+            dropped.append("tool results")  # (the conversation checks refuse a result without its call first)
+        if dropped:
+            raise GlmtuneError(f"this model's chat template leaves out {' and '.join(dropped)}; tool conversations "
                                "need a chatglm3 or glm4 model, or a chat template that renders tools")
 
     def _control_pattern(self) -> re.Pattern | None:
@@ -360,7 +371,8 @@ class _RoleTokenLayout(Template):
 
     def _body(self, metadata: str, text: str, *, literal: bool = False) -> list[Part]:
         """`literal`: message text that is never cut (the tools: cutting them would leave broken JSON)."""
-        return [Part(f"{metadata}\n", False, separate=self.separate),
+        # a tool's name on the metadata line is text from the data or a client: never read as a control token
+        return [Part(f"{metadata}\n", False, separate=self.separate, literal=bool(metadata)),
                 Part(text, not literal, separate=self.separate, literal=literal)]
 
     @staticmethod

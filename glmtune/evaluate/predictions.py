@@ -114,7 +114,8 @@ def write_predictions(generator: Generator, samples: list[Sample], output_path: 
                 if seed is not None:
                     torch.manual_seed(seed + start)
                 try:
-                    batch_answers = generator.generate([s.prompt_messages for s in batch], generation)
+                    tools = [s.tools for s in batch] if any(s.tools for s in batch) else None
+                    batch_answers = generator.generate([s.prompt_messages for s in batch], generation, tools)
                 except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
                     if not is_out_of_memory(e):
                         raise

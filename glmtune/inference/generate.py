@@ -16,8 +16,10 @@ import torch
 from glmtune.config import GenerationOptions
 from glmtune.data.collate import PadCollator
 from glmtune.data.formats import Message, Sample
+from glmtune.data.messages import tool_name
 from glmtune.data.preprocess import Encoder, LengthLimits
 from glmtune.data.templates import Part, Segment, get_template
+from glmtune.data.tool_format import parse_tool_call
 from glmtune.errors import GlmtuneError
 from glmtune.models.loader import LoadedModel, context_length
 
@@ -54,12 +56,6 @@ class _Streamer:
 
     def end(self) -> None:
         pass
-
-
-def _given(tools: list[dict] | None) -> dict:
-    """Encoder.prompt_ids' `tools` argument, passed only when there are tools (so that a stand-in for it without
-    that argument, as tests use, still works for everything else)."""
-    return {"tools": tools} if tools else {}
 
 
 class _StopWhen:
@@ -114,7 +110,7 @@ class Generator:
     def prompt_ids(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
         """The prompt tokens of a conversation that ends with a user message or a tool result (not cut by
         `limits`); `tools`: the functions the model may call, written into the prompt as in training."""
-        return self.encoder.prompt_ids(messages, **_given(tools))[0]
+        return self.encoder.prompt_ids(messages, tools=tools)[0]
 
     def answer_start_ids(self, text: str) -> list[int]:
         """Tokens that put `text` after a prompt as the start of the answer (e.g. a tool's name line, to make the
@@ -127,7 +123,7 @@ class Generator:
         `tools`: each conversation's tool list (or None), as Sample.tools."""
         features = []
         for i, messages in enumerate(conversations):
-            ids, cut = self.encoder.prompt_ids(messages, self.limits, **_given(tools[i] if tools else None))
+            ids, cut = self.encoder.prompt_ids(messages, self.limits, tools=tools[i] if tools else None)
             self.prompts_cut += cut
             features.append({"input_ids": ids})
         return {k: v.to(self.device) for k, v in self.collate(features).items()}
@@ -140,7 +136,7 @@ class Generator:
         if limit is None:
             return
         for index, sample in enumerate(samples):
-            ids, _ = self.encoder.prompt_ids(sample.prompt_messages, self.limits)
+            ids, _ = self.encoder.prompt_ids(sample.prompt_messages, self.limits, tools=sample.tools)
             if len(ids) >= limit:
                 where = sample.where or f"row {index + 1}"
                 raise GlmtuneError(f"{where}: the prompt is {len(ids)} tokens, but the model's context is {limit} "
@@ -148,17 +144,30 @@ class Generator:
                                    f"--max-source-length (below {limit})")
 
     @torch.inference_mode()
-    def _new_tokens(self, conversations: list[list[Message]], options: GenerationOptions | None) -> torch.Tensor:
+    def _new_tokens(self, conversations: list[list[Message]], options: GenerationOptions | None,
+                    tools: list[list[dict] | None] | None = None) -> torch.Tensor:
         options = options or GenerationOptions()
-        inputs = self.inputs(conversations)
+        inputs = self.inputs(conversations, tools)
         config = generation_config(options, self.tokenizer.pad_token_id, self.stop_ids)
         output = self.loaded.model.generate(**inputs, generation_config=config)
         return output[:, inputs["input_ids"].shape[1]:]
 
-    def generate(self, conversations: list[list[Message]], options: GenerationOptions | None = None) -> list[str]:
-        """One batch: the answer to each conversation (which ends with a user message)."""
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip()
-                for row in self._new_tokens(conversations, options)]
+    def generate(self, conversations: list[list[Message]], options: GenerationOptions | None = None,
+                 tools: list[list[dict] | None] | None = None) -> list[str]:
+        """One batch: the answer to each conversation (which ends with a user message or a tool result); `tools`:
+        each conversation's tool list (Sample.tools)."""
+        rows = self._new_tokens(conversations, options, tools)
+        return [self._answer_text(row, tools[i] if tools else None) for i, row in enumerate(rows)]
+
+    def _answer_text(self, row, tools: list[dict] | None) -> str:
+        """An answer as text; with tools, a call in ChatGLM3's or GLM-4's form is written as the JSON
+        {"name", "arguments"} that a reference answer with that call reads as (Message.reference_text)."""
+        text = self.tokenizer.decode(row, skip_special_tokens=True)
+        if tools and self.template_name in ("chatglm3", "glm4"):
+            call = parse_tool_call(text, self.template_name, {tool_name(t) for t in tools})
+            if call is not None:
+                return call.as_json()
+        return text.strip()
 
     def generate_ids(self, conversations: list[list[Message]],
                      options: GenerationOptions | None = None) -> list[list[int]]:

@@ -401,6 +401,7 @@ def _answer_metrics(cfg: TrainConfig, loaded: LoadedModel, template: str, dev_sa
     from glmtune.evaluate.metrics import compute_metrics
 
     prompts = [s.prompt_messages for s in dev_samples]
+    tools = [s.tools for s in dev_samples] if any(s.tools for s in dev_samples) else None
     references = [s.reference for s in dev_samples]
     sampling = GenerationOptions(max_new_tokens=cfg.eval_max_new_tokens)
 
@@ -410,7 +411,8 @@ def _answer_metrics(cfg: TrainConfig, loaded: LoadedModel, template: str, dev_sa
         generator = Generator(replace(loaded, model=model), template, LengthLimits(cfg.max_source_length))
         answers: list[str] = []
         for start in range(0, len(prompts), cfg.eval_batch_size):
-            answers += generator.generate(prompts[start:start + cfg.eval_batch_size], sampling)
+            batch = slice(start, start + cfg.eval_batch_size)
+            answers += generator.generate(prompts[batch], sampling, tools[batch] if tools else None)
         model.train(was_training)
         scores = compute_metrics(zip(answers, references))
         flat = dict(scores["overall"])
