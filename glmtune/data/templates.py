@@ -119,6 +119,7 @@ class ChatTemplate(Template):
             raise GlmtuneError("this tokenizer has no chat template; use template: plain")
         self.tokenizer = tokenizer
         self._controls: re.Pattern | None = None
+        self._tools_checked: set[tuple[bool, bool, bool]] = set()  # kinds of tool content found rendered
 
     def _apply(self, messages: list[Message], generation_prompt: bool, marks: tuple[str, str] | None,
                tools: list[dict] | None = None) -> str:
@@ -146,6 +147,9 @@ class ChatTemplate(Template):
         asked = Message("user", "?")
         call = next((m for m in messages if m.tool_calls), None)
         result = next((m for m in messages if m.role == "tool"), None)
+        kinds = (bool(tools), call is not None, result is not None)
+        if not any(kinds) or kinds in self._tools_checked:  # what a template renders depends on the kinds only
+            return
         dropped = []
         if tools and self._apply([asked], True, None, tools) == self._apply([asked], True, None):
             dropped.append("tool definitions")
@@ -162,6 +166,7 @@ class ChatTemplate(Template):
         if dropped:
             raise GlmtuneError(f"this model's chat template leaves out {' and '.join(dropped)}; tool conversations "
                                "need a chatglm3 or glm4 model, or a chat template that renders tools")
+        self._tools_checked.add(kinds)
 
     def _control_pattern(self) -> re.Pattern | None:
         if self._controls is None:
