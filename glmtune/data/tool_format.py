@@ -21,6 +21,7 @@ from typing import Any
 from glmtune.data.messages import ToolCall, tool_name
 from glmtune.errors import GlmtuneError, shown
 
+TOOL_STYLES = ("chatglm3", "glm4")  # the prompt formats (templates.py names) with a tool-calling format
 CHATGLM3_TOOLS_INTRO = "Answer the following questions as best as you can. You have access to the following tools:"
 GLM4_TOOLS_INTRO = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
                     "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")

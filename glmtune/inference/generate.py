@@ -19,7 +19,7 @@ from glmtune.data.formats import Message, Sample
 from glmtune.data.messages import tool_name
 from glmtune.data.preprocess import Encoder, LengthLimits
 from glmtune.data.templates import Part, Segment, get_template
-from glmtune.data.tool_format import parse_tool_call
+from glmtune.data.tool_format import TOOL_STYLES, parse_tool_call
 from glmtune.errors import GlmtuneError
 from glmtune.models.loader import LoadedModel, context_length
 
@@ -163,7 +163,7 @@ class Generator:
         """An answer as text; with tools, a call in ChatGLM3's or GLM-4's form is written as the JSON
         {"name", "arguments"} that a reference answer with that call reads as (Message.reference_text)."""
         text = self.tokenizer.decode(row, skip_special_tokens=True)
-        if tools and self.template_name in ("chatglm3", "glm4"):
+        if tools and self.template_name in TOOL_STYLES:
             call = parse_tool_call(text, self.template_name, {tool_name(t) for t in tools})
             if call is not None:
                 return call.as_json()

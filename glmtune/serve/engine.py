@@ -30,7 +30,7 @@ from glmtune.data.formats import Message
 from glmtune.data.messages import ToolCall, tool_name
 from glmtune.data.prompt_template import chat_template_field, fill_message
 from glmtune.data.templates import Part, Segment, control_pattern
-from glmtune.data.tool_format import parse_tool_call
+from glmtune.data.tool_format import TOOL_STYLES, parse_tool_call
 from glmtune.errors import GlmtuneError
 from glmtune.inference.generate import Generator
 from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
@@ -38,7 +38,6 @@ from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-TOOL_STYLES = ("chatglm3", "glm4")  # the prompt formats with a tool-calling format (glmtune.data.tool_format)
 SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
 LONGEST_ANSWER = 2 ** 31 - 1  # max_new_tokens beyond this is refused even where the context length is unknown
 
