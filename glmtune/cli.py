@@ -26,12 +26,18 @@ log = logging.getLogger("glmtune")
 _positive_int = number_type(int, 1)
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
     parser.add_argument("--model", default=None,
                         help=f"checkpoint folder or alias (default: the adapter's base model, else {DEFAULT_MODEL})")
-    parser.add_argument("--adapter", default=None,
-                        help="adapter folder written by glmtune train (OUT/adapter or OUT/best), or a plain peft LoRA "
-                             "folder (adapter_config.json + adapter_model.*; name its base with --model)")
+    if several:
+        parser.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                            help="adapter folder written by glmtune train (OUT/adapter or OUT/best), or a plain peft "
+                                 "LoRA folder; repeatable: several adapters over one base, each served under its "
+                                 "NAME (default: the run folder's name) beside the bare base, named base")
+    else:
+        parser.add_argument("--adapter", default=None,
+                            help="adapter folder written by glmtune train (OUT/adapter or OUT/best), or a plain peft "
+                                 "LoRA folder (adapter_config.json + adapter_model.*; name its base with --model)")
     parser.add_argument("--template", default=None, choices=TEMPLATE_NAMES,
                         help="prompt format (default: the adapter's, else auto)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
@@ -45,6 +51,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(glmtune adapters record their own)")
     _add_prompt_template_argument(parser, "the adapter's prompt_template, else none; chat, serve and webui fill "
                                           "its one field with the typed message")
+
+
+def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-batch", type=_positive_int, default=32, metavar="N",
+                        help="answers generated together, each joining and leaving between decoding steps; more "
+                             "requests wait in the queue (default: 32; 1 answers one request at a time)")
+    parser.add_argument("--max-batch-tokens", type=_positive_int, default=None, metavar="N",
+                        help="the batch's key/value cache in tokens (rows times the longest prompt plus answer), "
+                             "which bounds its memory; a request that would pass it waits (default: what 2 GiB "
+                             "holds for this model, at least one full context)")
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
@@ -196,10 +212,12 @@ def _add_chat(commands) -> None:
 def _add_serve(commands) -> None:
     serve = commands.add_parser(
         "serve", allow_abbrev=False, help="OpenAI-compatible HTTP API",
-        description="Serves one model (base or base + adapter) through an OpenAI-compatible API: GET /v1/models, "
-                    "POST /v1/chat/completions (streamed with \"stream\": true), GET /health. Requests are answered "
-                    "one at a time in arrival order; the rest wait in a queue. Ctrl-C stops it.")
-    _add_model_arguments(serve)
+        description="Serves a model (base, base + adapter, or several adapters over one base with --adapter "
+                    "NAME=DIR ...) through an OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions "
+                    "(streamed with \"stream\": true; its model field picks the adapter), GET /health. Requests are "
+                    "answered together (continuous batching): each joins the running batch between decoding "
+                    "steps and leaves it when done; beyond --max-batch they wait in a queue. Ctrl-C stops it.")
+    _add_model_arguments(serve, several=True)
     _add_server_arguments(serve, 8000)
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every request but /health; printable ASCII, as "
@@ -223,8 +241,9 @@ def _add_serve(commands) -> None:
     add_generation_arguments(serve, only=("max_new_tokens",), defaults={"max_new_tokens": 512},
                              helps={"max_new_tokens": "answer length when a request gives no max_tokens "
                                                       "(default: {default}, cut to the context)"})
+    _add_batching_arguments(serve)
     serve.add_argument("--max-queue", type=_positive_int, default=256,
-                       help="requests allowed to wait; more are answered 503 (default: 256)")
+                       help="requests allowed to wait while the batch is full; more are answered 503 (default: 256)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -232,10 +251,12 @@ def _add_webui(commands) -> None:
     webui = commands.add_parser(
         "webui", allow_abbrev=False, help="chat in the browser (Gradio)",
         description="A chat page (Gradio) with history, a clear button and sliders for answer length, temperature "
-                    "and top-p; answers stream in. Ctrl-C stops it.")
-    _add_model_arguments(webui)
+                    "and top-p; answers stream in. With several --adapter NAME=DIR the page has a model choice "
+                    "(the adapters and the base). Ctrl-C stops it.")
+    _add_model_arguments(webui, several=True)
     _add_server_arguments(webui, 7860)
     webui.add_argument("--system", default=None, help="system prompt")
+    _add_batching_arguments(webui)
     add_generation_arguments(webui, defaults={"max_new_tokens": 512})
     webui.set_defaults(func=_cmd_webui)
 
@@ -578,8 +599,36 @@ def _serve_key(args) -> str | None:
     return key
 
 
-def _cmd_serve(args) -> int:
+def _serving_engine(args, **options):
+    """The engine of serve and webui, and the name of the model it serves first: one model (base, or base +
+    one adapter given as a bare folder) as chat and predict load it, or several adapters over one base."""
+    from glmtune.inference.adapters import adapter_names, load_served_models, parse_adapter_option
     from glmtune.serve.engine import ChatEngine
+
+    values = args.adapter or []
+    batching = {"max_batch": args.max_batch, "max_batch_tokens": args.max_batch_tokens, **options}
+    generation = generation_from_args(args)
+    if len(values) <= 1 and all(parse_adapter_option(v)[0] is None for v in values):
+        args.adapter = values[0] if values else None
+        template = _prompt_template(args, typed=True)
+        engine = ChatEngine(_generator(args), generation=generation, prompt_template=template, **batching)
+        return engine, _served_name(args)
+    if args.pre_seq_len is not None:
+        raise GlmtuneError("--pre-seq-len is for one official P-Tuning checkpoint served alone (--adapter DIR); "
+                           "with several adapters, give glmtune adapters")
+    named = adapter_names(values)  # names checked before minutes of loading
+    models = load_served_models(args.model, named, dtype=args.dtype, quantization=args.quantization_bit,
+                                template=args.template, prompt_template=args.prompt_template)
+    if getattr(args, "served_model_name", None):
+        models[0].name = args.served_model_name
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise GlmtuneError(f"--served-model-name {models[0].name!r} is also an adapter's name; choose another")
+    log.info("serving %s over one copy of the base", ", ".join(names))
+    return ChatEngine(generation=generation, models=models, **batching), models[0].name
+
+
+def _cmd_serve(args) -> int:
     from glmtune.serve.network import allowed_hosts, is_loopback, listen, url
     from glmtune.serve.openai_api import serve
 
@@ -587,12 +636,8 @@ def _cmd_serve(args) -> int:
     if not api_key and not is_loopback(args.host):
         log.warning("listening on %s without --api-key: anyone who can reach this machine can use the model",
                     args.host)
-    template = _prompt_template(args, typed=True)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    generator = _generator(args)
-    name = _served_name(args)
-    engine = ChatEngine(generator, generation=generation_from_args(args), max_queue=args.max_queue,
-                        prompt_template=template)
+    engine, name = _serving_engine(args, max_queue=args.max_queue)
     print(f"glmtune: serving {name} at {url(args.host, sock.getsockname()[1])}/v1 (OpenAI-compatible; Ctrl-C stops)",
           flush=True)
     serve(engine, name, sock=sock, api_key=api_key, hosts=allowed_hosts(args.host, args.allowed_host),
@@ -607,18 +652,16 @@ def _cmd_webui(args) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise GlmtuneError("glmtune webui needs Gradio, which is not installed: pip install 'glmtune[webui]' "
                            "(make setup installs it)")
-    from glmtune.serve.engine import ChatEngine
     from glmtune.serve.network import is_loopback, listen, url
     from glmtune.serve.webui import launch
 
     if not is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this machine can use the chat page", args.host)
-    template = _prompt_template(args, typed=True)
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     sock.close()  # Gradio binds the port itself; held until here so a taken port fails before loading
-    engine = ChatEngine(_generator(args), generation=generation_from_args(args), prompt_template=template)
-    launch(engine, host=args.host, port=port, title=_served_name(args), system=args.system,
+    engine, name = _serving_engine(args)
+    launch(engine, host=args.host, port=port, title=name, system=args.system,
            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
            repetition_penalty=args.repetition_penalty,
            announce=lambda: print(f"glmtune: chat page at {url(args.host, port)} (Ctrl-C stops)", flush=True))

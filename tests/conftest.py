@@ -285,6 +285,63 @@ def tiny_family_dir(tmp_path_factory, tiny_model_dir, tokenizer):
     return folder
 
 
+# ---------------------------------------------------------------------------------------------------------
+# adapters written as the trainer writes them, without training
+
+def make_lora_adapter(base: Path, out: Path, *, template: str = "auto", quantization=0, seed: int = 1) -> Path:
+    """A glmtune LoRA adapter written the way the trainer writes one, with random (non-zero) B matrices so
+    that merging changes every adapted weight."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from glmtune.methods.adapter import write_adapter_info
+    from glmtune.methods.lora import LoraMethod, fit_quantized, target_modules
+    from glmtune.models.loader import fingerprint, load_model
+
+    loaded = load_model(str(base), quantization=quantization)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
+                        target_modules=target_modules("auto" if loaded.family != "generic" else "all-linear",
+                                                      loaded.family))
+    torch.manual_seed(seed)
+    model = get_peft_model(loaded.model, fit_quantized(loaded.model, config))
+    with torch.no_grad():  # B at peft's random init is large; keep the update a realistic fraction of W
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.3)
+    out.mkdir(parents=True)
+    LoraMethod().save(model, out)
+    method = "qlora" if loaded.quantization.backend == "bitsandbytes" else "lora"
+    write_adapter_info(out, method=method, family=loaded.family, base_model=str(base),
+                       fingerprint=fingerprint(loaded.model.config), template=template,
+                       parameters={"rank": 4, "alpha": 8, "dropout": 0.0, "target": "auto"},
+                       extra={"quantization_bit": loaded.quantization_bit, "quantization": loaded.quantization.record()})
+    return out
+
+
+def make_ptuning_adapter(base: Path, out: Path, *, projection: bool = True) -> Path:
+    """A glmtune P-Tuning v2 adapter (a 4-token prefix) as the trainer writes one, untrained."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from glmtune.methods.adapter import write_adapter_info
+    from glmtune.methods.ptuning import PTuningMethod
+    from glmtune.models.loader import fingerprint, load_model
+
+    loaded = load_model(str(base))
+    options = SimpleNamespace(pre_seq_len=4, prefix_projection=projection, prefix_hidden_size=32)
+    method = PTuningMethod()
+    torch.manual_seed(2)
+    model = method.apply(loaded.model, options, loaded.family)
+    out.mkdir(parents=True)
+    method.save(model, out)
+    write_adapter_info(out, method="ptuning", family=loaded.family, base_model=str(base),
+                       fingerprint=fingerprint(loaded.model.config), template="auto",
+                       parameters=method.parameters(options, loaded.family),
+                       extra={"quantization_bit": 0, "quantization": loaded.quantization.record()})
+    return out
+
+
 @contextlib.contextmanager
 def api_in_thread(engine, **options):
     """glmtune's API over `engine` on a free loopback port for the with-block (uvicorn in a thread, loopback

@@ -10,64 +10,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+
+from conftest import make_lora_adapter, make_ptuning_adapter
 
 from glmtune.errors import GlmtuneError
 from glmtune.export.run import export_model
 
 PROMPTS = ["Hi", "What is the capital of France? Answer in one word.", "你好",
            "Tell me a very short story about a cat, a hat and a rainy afternoon in the city."]
-
-
-def _make_lora(base: Path, out: Path, *, template: str = "auto", quantization=0) -> Path:
-    """A glmtune LoRA adapter written the way the trainer writes one, with random (non-zero) B matrices so
-    that merging changes every adapted weight."""
-    from peft import LoraConfig, get_peft_model
-
-    from glmtune.methods.adapter import write_adapter_info
-    from glmtune.methods.lora import LoraMethod, fit_quantized, target_modules
-    from glmtune.models.loader import fingerprint, load_model
-
-    loaded = load_model(str(base), quantization=quantization)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
-                        target_modules=target_modules("auto" if loaded.family != "generic" else "all-linear",
-                                                      loaded.family))
-    torch.manual_seed(1)
-    model = get_peft_model(loaded.model, fit_quantized(loaded.model, config))
-    with torch.no_grad():  # B at peft's random init is large; keep the update a realistic fraction of W
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.3)
-    out.mkdir(parents=True)
-    LoraMethod().save(model, out)
-    method = "qlora" if loaded.quantization.backend == "bitsandbytes" else "lora"
-    write_adapter_info(out, method=method, family=loaded.family, base_model=str(base),
-                       fingerprint=fingerprint(loaded.model.config), template=template,
-                       parameters={"rank": 4, "alpha": 8, "dropout": 0.0, "target": "auto"},
-                       extra={"quantization_bit": loaded.quantization_bit, "quantization": loaded.quantization.record()})
-    return out
-
-
-def _make_ptuning(base: Path, out: Path, *, projection: bool = True) -> Path:
-    from glmtune.methods.adapter import write_adapter_info
-    from glmtune.methods.ptuning import PTuningMethod
-    from glmtune.models.loader import fingerprint, load_model
-
-    loaded = load_model(str(base))
-    options = SimpleNamespace(pre_seq_len=4, prefix_projection=projection, prefix_hidden_size=32)
-    method = PTuningMethod()
-    torch.manual_seed(2)
-    model = method.apply(loaded.model, options, loaded.family)
-    out.mkdir(parents=True)
-    method.save(model, out)
-    write_adapter_info(out, method="ptuning", family=loaded.family, base_model=str(base),
-                       fingerprint=fingerprint(loaded.model.config), template="auto",
-                       parameters=method.parameters(options, loaded.family),
-                       extra={"quantization_bit": 0, "quantization": loaded.quantization.record()})
-    return out
 
 
 @torch.inference_mode()
@@ -119,7 +72,7 @@ def test_merged_lora_answers_like_base_plus_adapter_and_loads_without_glmtune(ti
     from glmtune.methods.adapter import load_tuned_model
     from glmtune.models.loader import load_model
 
-    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", template="plain")
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "adapter", template="plain")
     out = tmp_path / "merged"
     report = export_model(adapter, out, merge=True)
     assert (report.kind, report.dtype, report.output) == ("merged", "float32", out)
@@ -191,7 +144,7 @@ def test_merged_native_chatglm_keeps_the_official_weight_names(family, tiny_fami
     base = tiny_family_dir(family)
     if family == "chatglm":
         base = _official_like(base, tmp_path / "chatglm-6b")
-    adapter = _make_lora(base, tmp_path / "adapter")
+    adapter = make_lora_adapter(base, tmp_path / "adapter")
     out = tmp_path / "merged"
     report = export_model(adapter, out, merge=True)
     assert "identical" in report.check
@@ -213,7 +166,7 @@ def test_merged_native_chatglm_keeps_the_official_weight_names(family, tiny_fami
 
 
 def test_merged_export_casts_to_the_asked_dtype(tiny_family_dir, tmp_path):
-    adapter = _make_lora(tiny_family_dir("chatglm2"), tmp_path / "adapter")
+    adapter = make_lora_adapter(tiny_family_dir("chatglm2"), tmp_path / "adapter")
     report = export_model(adapter, tmp_path / "merged", merge=True, dtype="bfloat16", check=False)
     assert report.check is None and report.dtype == "bfloat16"
     assert set(_stored_keys(tmp_path / "merged").values()) == {"BF16"}
@@ -231,7 +184,7 @@ def test_lora_over_a_4bit_bitsandbytes_base_merges_into_the_dequantized_weights(
     from glmtune.models.loader import load_model
 
     assert bitsandbytes_problem("cpu") is None
-    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(4))
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(4))
     out = tmp_path / "merged"
     report = export_model(adapter, out, merge=True)
     assert report.check.startswith("greedy answers to 4 prompts identical")  # 4-bit: the same maths, dequantized
@@ -255,7 +208,7 @@ def test_lora_over_an_8bit_bitsandbytes_base_merges_and_the_check_states_the_dif
     merged float model does not. The export finishes and its check line says what changed."""
     from glmtune.models.kbit import Quantization
 
-    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(8))
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(8))
     report = export_model(adapter, tmp_path / "merged", merge=True)
     assert "8-bit (bitsandbytes) base with the adapter vs the merged dequantized weights" in report.check
     assert "max |logit diff|" in report.check
@@ -272,7 +225,7 @@ def test_a_merge_that_changes_the_answers_is_refused_and_writes_nothing(tiny_mod
     from glmtune.cli import main
     from glmtune.models.kbit import Quantization
 
-    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(quantization))
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "adapter", quantization=Quantization(quantization))
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -307,7 +260,7 @@ def test_lora_over_a_stored_int4_chatglm_checkpoint_merges_to_full_weights(tiny_
     config = json.loads((base / "config.json").read_text())
     config["quantization_bit"] = 4
     (base / "config.json").write_text(json.dumps(config))
-    adapter = _make_lora(base, tmp_path / "adapter")
+    adapter = make_lora_adapter(base, tmp_path / "adapter")
     out = tmp_path / "merged"
     report = export_model(adapter, out, merge=True)
     assert "4-bit (chatglm)" in report.check and "identical" in report.check
@@ -330,7 +283,7 @@ def test_lora_over_a_stored_int4_chatglm_checkpoint_merges_to_full_weights(tiny_
 def test_an_unmerged_lora_export_is_a_clean_adapter_in_the_asked_dtype(tiny_model_dir, tmp_path):
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
 
-    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter", template="plain")
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "adapter", template="plain")
     (adapter / "trainer_state.json").write_text("{}")  # stray files are not carried along
     out = tmp_path / "exported"
     report = export_model(adapter, out, dtype="float16")
@@ -353,7 +306,7 @@ def test_a_projected_prefix_exports_as_one_plain_table(family, tiny_family_dir, 
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
     from glmtune.models.loader import load_model
 
-    adapter = _make_ptuning(tiny_family_dir(family), tmp_path / "adapter")
+    adapter = make_ptuning_adapter(tiny_family_dir(family), tmp_path / "adapter")
     assert any(".trans." in k for k in load_file(str(adapter / "prefix_encoder.safetensors")))
     out = tmp_path / "prefix"
     report = export_model(adapter, out)
@@ -383,7 +336,7 @@ def test_an_official_chatglm2_ptuning_checkpoint_exports_with_its_base_named(tin
     from glmtune.methods.adapter import load_tuned_model, read_adapter_info
 
     base = tiny_family_dir("chatglm2")
-    adapter = _make_ptuning(base, tmp_path / "adapter", projection=False)
+    adapter = make_ptuning_adapter(base, tmp_path / "adapter", projection=False)
     official = tmp_path / "official"
     official.mkdir()
     torch.save(load_file(str(adapter / "prefix_encoder.safetensors")), official / "pytorch_model.bin")
@@ -398,8 +351,8 @@ def test_an_official_chatglm2_ptuning_checkpoint_exports_with_its_base_named(tin
 # ---------------------------------------------------------------- errors, before anything is written
 
 def test_user_errors_are_refused_before_anything_is_written(tiny_model_dir, tmp_path):
-    lora = _make_lora(tiny_model_dir, tmp_path / "lora")
-    prefix = _make_ptuning(tiny_model_dir, tmp_path / "prefix", projection=False)
+    lora = make_lora_adapter(tiny_model_dir, tmp_path / "lora")
+    prefix = make_ptuning_adapter(tiny_model_dir, tmp_path / "prefix", projection=False)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -437,7 +390,7 @@ def test_user_errors_are_refused_before_anything_is_written(tiny_model_dir, tmp_
 def test_a_failure_while_writing_leaves_the_old_output_untouched(tiny_model_dir, tmp_path, monkeypatch):
     import glmtune.export.merge as merge
 
-    adapter = _make_lora(tiny_model_dir, tmp_path / "adapter")
+    adapter = make_lora_adapter(tiny_model_dir, tmp_path / "adapter")
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -463,8 +416,8 @@ def test_the_export_command_and_predict_with_what_it_wrote(tiny_model_dir, tmp_p
     adapter folder for predict; user errors exit 2 with one line."""
     from glmtune.cli import main
 
-    lora = _make_lora(tiny_model_dir, tmp_path / "lora", template="plain")
-    prefix = _make_ptuning(tiny_model_dir, tmp_path / "ptuning")
+    lora = make_lora_adapter(tiny_model_dir, tmp_path / "lora", template="plain")
+    prefix = make_ptuning_adapter(tiny_model_dir, tmp_path / "ptuning")
     rows = write_jsonl([{"prompt": p} for p in PROMPTS], "rows.jsonl")
 
     def predict(*options) -> list[str]:

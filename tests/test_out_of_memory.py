@@ -239,17 +239,17 @@ def engine(tiny_model_dir):
 
 
 def fail_once(model, error):
-    """The model's next generate raises `error`; returns the counter of failures."""
-    real = model.generate
+    """The model's next forward raises `error`; returns the counter of failures."""
+    real = model.forward
     fired = []
 
-    def generate(**kwargs):
+    def forward(*args, **kwargs):
         if not fired:
             fired.append(1)
             raise error
-        return real(**kwargs)
+        return real(*args, **kwargs)
 
-    model.generate = generate
+    model.forward = forward
     return fired
 
 

@@ -56,7 +56,7 @@ def engine(tiny_model_dir):
     from glmtune.models.loader import load_model
 
     engine = ChatEngine(Generator(load_model(str(tiny_model_dir)), "plain"),
-                        generation=GenerationOptions(max_new_tokens=8), max_queue=1)
+                        generation=GenerationOptions(max_new_tokens=8), max_queue=1, max_batch=1)
     yield engine
     engine.close()
 
@@ -72,52 +72,52 @@ def test_requests_are_checked_before_they_queue(engine):
     assert job.generation.max_new_tokens == min(8, 1024 - len(job.prompt_ids))  # the default, cut to the context's room
 
 
-def test_one_request_at_a_time_a_full_queue_answers_busy_and_cancel_frees_the_model(engine):
+def test_a_full_batch_makes_requests_wait_a_full_queue_answers_busy_and_cancel_frees_the_model(engine):
     model = engine.generator.loaded.model
     running, release = threading.Event(), threading.Event()
-    real_generate = model.generate
+    real_forward = model.forward
 
-    def slow_generate(**kwargs):
+    def slow_forward(*args, **kwargs):
         running.set()
         release.wait(30)
-        return real_generate(**kwargs)
+        return real_forward(*args, **kwargs)
 
-    model.generate = slow_generate
+    model.forward = slow_forward
     events: list = []
-    first = engine.prepare(ChatRequest([Message("user", "first")]), events.append)
+    first = engine.prepare(ChatRequest([Message("user", "first")]), lambda e: events.append(("first", e)))
     engine.submit(first)
     assert running.wait(30)
-    second = engine.prepare(ChatRequest([Message("user", "second")]), events.append)
-    engine.submit(second)  # waits: the queue holds one
+    second = engine.prepare(ChatRequest([Message("user", "second")]), lambda e: events.append(("second", e)))
+    engine.submit(second)  # waits: the batch holds one sequence, the queue one request
+    assert engine.waiting == 1 and engine.running == 1
     with pytest.raises(Busy, match="busy"):
         engine.submit(engine.prepare(ChatRequest([Message("user", "third")]), events.append))
     second.cancel()  # its client left while it waited: never generated
     release.set()
-    model.generate = real_generate
+    del model.forward
     for _ in range(300):
-        if sum(isinstance(e, Finished) for e in events) == 2:
+        if sum(isinstance(e, Finished) for _, e in events) == 2:
             break
         threading.Event().wait(0.1)
-    finished = [e for e in events if isinstance(e, Finished)]
-    assert [f.finish_reason for f in finished][1] == "cancelled"
-    assert finished[0].finish_reason in ("stop", "length") and engine.answered == 1 and engine.cancelled == 1
+    finished = {who: e.finish_reason for who, e in events if isinstance(e, Finished)}
+    assert finished["second"] == "cancelled" and [who for who, _ in events].count("second") == 1
+    assert finished["first"] in ("stop", "length") and engine.answered == 1 and engine.cancelled == 1
 
 
 def test_a_failing_generation_is_reported_and_the_worker_goes_on(engine):
     model = engine.generator.loaded.model
-    real_generate = model.generate
-    model.generate = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+    model.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
     events = list(engine.stream(ChatRequest([Message("user", "hi")])))
     assert isinstance(events[-1], Failed) and "boom" in events[-1].message
-    model.generate = real_generate
+    del model.forward
     events = list(engine.stream(ChatRequest([Message("user", "hi")], GenerationOptions(max_new_tokens=3))))
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 3
 
 
 @pytest.mark.parametrize("family", ["generic", "chatglm", "chatglm2", "chatglm3", "glm4"])
 def test_every_family_streams_what_batch_generation_answers(tiny_family_dir, family):
-    """The engine (streamer + stopping criteria, one prompt) and Generator.generate (a left-padded batch)
-    give the same text on every family's native model."""
+    """The engine (continuous batching, one prompt) and Generator.generate (a left-padded batch through
+    transformers' generate) give the same text on every family's native model."""
     from glmtune.config import GenerationOptions
     from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model

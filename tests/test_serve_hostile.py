@@ -27,7 +27,9 @@ def engine(tiny_model_dir):
     from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
 
-    engine = ChatEngine(Generator(load_model(str(tiny_model_dir))), generation=GenerationOptions(max_new_tokens=4))
+    # one sequence at a time, so that a second request waits in the queue
+    engine = ChatEngine(Generator(load_model(str(tiny_model_dir))), generation=GenerationOptions(max_new_tokens=4),
+                        max_batch=1)
     engine.start()
     yield engine
     engine.close()
@@ -105,25 +107,22 @@ def slow_generation(engine, seconds_per_token: float = 0.05):
     import torch
 
     model = engine.generator.loaded.model
-    real = model.generate
+    real = model.forward
+    stops = sorted(engine.generator.stop_ids)
     started = threading.Event()
 
-    class Pace:
-        def __call__(self, input_ids, scores, **kwargs):
-            started.set()
-            time.sleep(seconds_per_token)
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    def forward(*args, **kwargs):
+        started.set()
+        time.sleep(seconds_per_token)
+        output = real(*args, **kwargs)
+        output.logits[..., stops] = torch.finfo(output.logits.dtype).min
+        return output
 
-    def generate(**kwargs):
-        kwargs["generation_config"].min_new_tokens = kwargs["generation_config"].max_new_tokens
-        kwargs["stopping_criteria"].append(Pace())
-        return real(**kwargs)
-
-    model.generate = generate
+    model.forward = forward
     try:
         yield started
     finally:
-        model.generate = real
+        del model.forward
 
 
 def counts(base) -> tuple[int, int]:

@@ -130,14 +130,19 @@ class Scripted:
         self.answer: list[int] = []
         self.prompts: list[list[int]] = []
 
-        def stream(prompt_ids, options, on_token, should_stop=None):
-            self.prompts.append(list(prompt_ids))
-            for token in self.answer[:options.max_new_tokens]:
-                on_token(token)
-                if should_stop is not None and should_stop():
-                    break
+        batcher = engine.batcher
+        add = batcher.add
 
-        self.generator.stream = stream
+        def scripted_add(sequence):  # the prompts the model was asked
+            self.prompts.append(list(sequence.prompt))
+            add(sequence)
+
+        def scripted_choice(sequence, logits):  # the answer's next token, whatever the model computed
+            if sequence.generated < len(self.answer):
+                return self.answer[sequence.generated]
+            return self.generator.encoder.eos_id
+
+        batcher.add, batcher._choose = scripted_add, scripted_choice
 
     def says(self, message: Message) -> list[int]:
         """Scripts the answer to be `message` as the model would write it (the template's trained answer)."""

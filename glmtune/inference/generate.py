@@ -1,6 +1,7 @@
-"""Generation with one loaded (possibly adapted) model: batched answers with left padding, and one answer
-streamed token by token with a stopping condition (cancellation, stop strings). Used by evaluate (predict,
-eval, compare, the demo, evaluation during training), serve (chat, the API, the web UI) and export's check.
+"""Generation with one loaded (possibly adapted) model: prompts built as training built them, and batched answers
+with left padding through transformers' generate. Used by evaluate (predict, eval, compare, the demo,
+evaluation during training) and export's check; serve (chat, the API, the web UI) builds its prompts here and
+decodes them with continuous batching (glmtune.inference.batching).
 
 Prompts are built by the same Encoder as training data, so the model sees the exact prompt tokens it
 was trained on. Generation stops at any stop token of the model (tokenizer eos and the generation
@@ -8,8 +9,6 @@ config's eos ids, e.g. a chat template's end-of-turn token).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -39,33 +38,6 @@ def generation_config(options: GenerationOptions, pad_id: int, stop_ids: set[int
         eos_token_id=sorted(stop_ids),
         pad_token_id=pad_id,
     )
-
-
-class _Streamer:
-    """transformers' streamer protocol: `put` receives the prompt once, then each new token."""
-
-    def __init__(self, on_token: Callable[[int], None]):
-        self.on_token, self.prompt_seen = on_token, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.on_token(int(token))
-
-    def end(self) -> None:
-        pass
-
-
-class _StopWhen:
-    """A stopping criterion: ends generation once `should_stop()` is true (checked after every token)."""
-
-    def __init__(self, should_stop: Callable[[], bool]):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 class Generator:
@@ -179,17 +151,3 @@ class Generator:
             end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
             answers.append(row[:end])
         return answers
-
-    def stream(self, prompt_ids: list[int], options: GenerationOptions, on_token: Callable[[int], None],
-               should_stop: Callable[[], bool] | None = None) -> None:
-        """Generates one answer to `prompt_ids` (from `prompt_ids()`), handing each new token to `on_token` as
-        it is generated, in this thread; stops at a stop token, after `options.max_new_tokens`, or at the
-        first token after which `should_stop()` is true (a cancelled request, a stop string seen)."""
-        from transformers import StoppingCriteriaList
-
-        config = generation_config(options, self.tokenizer.pad_token_id, self.stop_ids)
-        inputs = {k: v.to(self.device) for k, v in self.collate([{"input_ids": prompt_ids}]).items()}
-        stopping = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop is not None else [])
-        with torch.inference_mode():
-            self.loaded.model.generate(**inputs, generation_config=config, streamer=_Streamer(on_token),
-                                       stopping_criteria=stopping)

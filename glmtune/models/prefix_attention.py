@@ -216,5 +216,13 @@ def attach_prefix(model, pre_seq_len: int, *, projection: bool = False, hidden_s
         kwargs[PREFIX_KWARG] = split_layers(encoder(positions), shape)
         return args, kwargs
 
-    _decoder(model).register_forward_pre_hook(add_prefix, with_kwargs=True)
+    model._glmtune_prefix_hook = _decoder(model).register_forward_pre_hook(add_prefix, with_kwargs=True)
     return encoder
+
+
+def detach_prefix(model) -> None:
+    """Undo attach_prefix: no encoder, no hook, the model's own attention implementation again."""
+    model._glmtune_prefix_hook.remove()
+    del model._glmtune_prefix_hook
+    del model._modules[ENCODER_NAME]
+    model.set_attn_implementation(model.config._attn_implementation.removeprefix("glmtune_prefix_"))

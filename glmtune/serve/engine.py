@@ -15,6 +15,7 @@ request finishes with "tool_calls". Tool results come back as `tool` messages in
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -23,8 +24,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
 from glmtune.data.messages import ToolCall, tool_name
@@ -32,6 +31,9 @@ from glmtune.data.prompt_template import chat_template_field, fill_message
 from glmtune.data.templates import Part, Segment, control_pattern
 from glmtune.data.tool_format import TOOL_STYLES, parse_tool_call
 from glmtune.errors import GlmtuneError
+from glmtune.inference.adapters import ServedModel
+from glmtune.inference.batching import (PREFILL_CHUNK, ContinuousBatcher, Sampling, Sequence, StepFailed,
+                                        cache_bytes_per_token, default_batch_tokens)
 from glmtune.inference.generate import Generator
 from glmtune.oom import free_memory, is_out_of_memory, on_cpu, where
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
 SEEDS = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
+DEFAULT_MAX_BATCH = 32  # sequences decoded together
 LONGEST_ANSWER = 2 ** 31 - 1  # max_new_tokens beyond this is refused even where the context length is unknown
 
 
@@ -54,6 +57,10 @@ class Busy(GlmtuneError):
     """The queue is full."""
 
 
+class UnknownModel(GlmtuneError):
+    """A request named a model this server does not serve."""
+
+
 @dataclass
 class ChatRequest:
     messages: list[Message]
@@ -67,6 +74,8 @@ class ChatRequest:
     tools: list[dict] | None = None
     # a tool the answer must call: its name line is put after the prompt, so the model writes only the arguments
     force_tool: str | None = None
+    # which served model answers (an adapter's name); None: the first
+    model: str | None = None
 
 
 @dataclass
@@ -102,6 +111,11 @@ class Job:
     deliver: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     tool_names: set[str] | None = None  # the answer is read for calls to these (a request with tools)
+    served: ServedModel | None = None  # the model (adapter) that answers
+    # the worker's: the batch's sequence, the answer read from its tokens, whether Finished/Failed went out
+    sequence: Sequence | None = None
+    answer: _AnswerText | _ToolAnswer | None = None
+    ended: bool = False
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -262,49 +276,90 @@ class _ToolAnswer:
 
 
 class ChatEngine:
-    """Queue and worker around one Generator. `start()` before use, `close()` at the end."""
+    """Requests checked and queued, answered by one worker thread that drives a ContinuousBatcher. `models`: the
+    names served (several adapters over one base, glmtune.inference.adapters); without it, the one `generator`.
+    `start()` before use (submit does it), `close()` at the end."""
 
-    def __init__(self, generator: Generator, *, generation: GenerationOptions | None = None, max_queue: int = 256,
-                 prompt_template: str | None = None):
-        self.generator = generator
-        # the newest user message is filled into it, as training filled each row's own (last) question
-        self.prompt_template = prompt_template
-        if prompt_template:
-            chat_template_field(prompt_template)
-        self.tokenizer = generator.tokenizer
-        self.context_length = generator.context_length
+    def __init__(self, generator: Generator | None = None, *, generation: GenerationOptions | None = None,
+                 max_queue: int = 256, prompt_template: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_batch_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 models: list[ServedModel] | None = None):
+        if models is None:
+            if generator is None:
+                raise ValueError("give a generator or served models")
+            models = [ServedModel(None, generator, prompt_template)]
+        for served in models:
+            if served.prompt_template:
+                chat_template_field(served.prompt_template)
+        self.models = {served.name: served for served in models}
+        default = models[0]
+        self.generator = default.generator
+        self.prompt_template = default.prompt_template
+        self.tokenizer = self.generator.tokenizer
+        self.context_length = self.generator.context_length
         # what a request that gives no options gets (max_new_tokens: a request that gives no length)
         self.generation = generation or GenerationOptions(max_new_tokens=512)
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.tool_style = tool_style(self.generator)
+        self._controls = control_pattern(self.tokenizer)
+        model = self.generator.loaded.model
+        self.batcher = ContinuousBatcher(model, stop_ids=self.generator.stop_ids, max_batch=max_batch,
+                                         prefill_chunk=prefill_chunk)
+        self.cache_bytes_per_token = cache_bytes_per_token(model)
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.cache_bytes_per_token,
+                                                                         self.context_length)
+        self.batcher.max_tokens = self.max_batch_tokens
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
         self._worker: threading.Thread | None = None
         self.answered = 0
         self.cancelled = 0
-        self.tool_style = tool_style(generator)
-        self._controls = control_pattern(self.tokenizer)
         # One prompt now: a fast tokenizer's first call may reset padding/truncation settings saved with it;
         # after that, the concurrent calls of prepare() only read the tokenizer.
-        generator.prompt_ids([Message("user", "hi")])
+        self.generator.prompt_ids([Message("user", "hi")])
+        self._heads = {name: shared_head(served.generator) for name, served in self.models.items()}
+
+    @property
+    def model_names(self) -> list[str | None]:
+        return list(self.models)
 
     # -- requests -------------------------------------------------------------------------------
 
-    def tools_unsupported(self) -> str | None:
+    def served(self, name: str | None) -> ServedModel:
+        """The served model a request's `model` names. With one model any name (or none) is it, as clients often
+        send a fixed name; with several, an unknown name is refused (UnknownModel) and none means the first."""
+        if len(self.models) == 1 or name is None:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise UnknownModel(f"model {name!r} not found; this server serves "
+                               f"{', '.join(repr(n) for n in self.models)}")
+        return self.models[name]
+
+    def tools_unsupported(self, served: ServedModel | None = None) -> str | None:
         """Why this model cannot be given tools, or None where it can."""
-        if self.tool_style is not None:
+        generator = (served or self.models[next(iter(self.models))]).generator
+        if tool_style(generator) is not None:
             return None
         return (f"tools are supported for ChatGLM3 and GLM-4 models; this model's prompt format "
-                f"({self.generator.template_name}) has no tool-calling format")
+                f"({generator.template_name}) has no tool-calling format")
 
     def prepare(self, request: ChatRequest, deliver: Callable[[Event], None]) -> Job:
-        """Checks the conversation and tokenizes its prompt; raises BadRequest for what cannot be answered."""
+        """Checks the conversation and tokenizes its prompt; raises BadRequest for what cannot be answered
+        (UnknownModel for a model name this server does not serve)."""
+        served = self.served(request.model)
+        generator = served.generator
+        style = tool_style(generator)
         if not request.messages:
             raise BadRequest("messages must hold at least one message", "messages")
-        roles = ROLES if self.tool_style else ROLES[:3]  # tool results only where tools can be called
+        roles = ROLES if style else ROLES[:3]  # tool results only where tools can be called
         for i, message in enumerate(request.messages):
             if message.role not in roles:
                 raise BadRequest(f"messages[{i}].role is {message.role!r}; this model takes "
                                  f"{', '.join(roles)}", f"messages[{i}].role")
         tools = request.tools or None
-        self._check_tools(request.messages, tools, request.force_tool)
+        self._check_tools(served, request.messages, tools, request.force_tool)
         if request.messages[-1].role not in ("user", "tool"):
             raise BadRequest("the last message must be the user's (or a tool's result): the model answers it",
                              "messages")
@@ -316,16 +371,17 @@ class ChatEngine:
             raise BadRequest(f"max_tokens must be between 1 and {LONGEST_ANSWER}", "max_tokens")
         messages = request.messages
         questions = [i for i, m in enumerate(messages) if m.role == "user"]
-        if self.prompt_template and questions:  # the newest question (tool results may follow it)
+        if served.prompt_template and questions:  # the newest question (tool results may follow it)
             messages = list(messages)
             last = questions[-1]
-            messages[last] = replace(messages[last], content=fill_message(self.prompt_template, messages[last].content))
+            messages[last] = replace(messages[last], content=fill_message(served.prompt_template,
+                                                                          messages[last].content))
         try:
-            prompt_ids = self.generator.prompt_ids(messages, tools=tools)
+            prompt_ids = generator.prompt_ids(messages, tools=tools)
         except GlmtuneError as e:
             raise BadRequest(str(e), "messages") from None
         if request.force_tool:
-            prompt_ids = prompt_ids + self.generator.answer_start_ids(f"{request.force_tool}\n")
+            prompt_ids = prompt_ids + generator.answer_start_ids(f"{request.force_tool}\n")
         limit = self.context_length
         if limit is not None and len(prompt_ids) >= limit:
             raise BadRequest(f"the prompt is {len(prompt_ids)} tokens, but this model's context is {limit} tokens; "
@@ -338,30 +394,44 @@ class ChatEngine:
         elif room is not None and length > room:
             raise BadRequest(f"this model's context is {limit} tokens: the prompt takes {len(prompt_ids)}, "
                              f"which leaves {room} for the answer, but max_tokens is {length}", "max_tokens")
+        # the batch's cache bound: prefix, prompt and answer of one request must fit it on their own
+        cache_room = self.max_batch_tokens - served.route.prefix_length - len(prompt_ids)
+        if cache_room < 1:
+            raise BadRequest(f"the prompt is {len(prompt_ids)} tokens, more than this server's cache holds for one "
+                             f"request ({self.max_batch_tokens} tokens, --max-batch-tokens); shorten the messages",
+                             "messages")
+        if asked is None or request.fit_context:
+            length = min(length, cache_room)
+        elif length > cache_room:
+            raise BadRequest(f"this server's cache holds {self.max_batch_tokens} tokens per request "
+                             f"(--max-batch-tokens): the prompt takes {len(prompt_ids)}, which leaves {cache_room} "
+                             f"for the answer, but max_tokens is {length}", "max_tokens")
         names = {tool_name(t) for t in tools} if tools else None
-        return Job(request, prompt_ids, replace(generation, max_new_tokens=length), deliver, tool_names=names)
+        return Job(request, prompt_ids, replace(generation, max_new_tokens=length), deliver, tool_names=names,
+                   served=served)
 
-    def _check_tools(self, messages: list[Message], tools: list[dict] | None, force: str | None) -> None:
+    def _check_tools(self, served: ServedModel, messages: list[Message], tools: list[dict] | None,
+                     force: str | None) -> None:
         """Tools, earlier calls and their results only for a model that has a format for them; names (and, in a
         chat template, the tools and arguments, which it writes as it likes) that would read as control tokens
         are refused, since the layouts write them as scaffolding; results and arguments are plain message text."""
         used = [i for i, m in enumerate(messages) if m.role == "tool" or m.tool_calls]
-        problem = self.tools_unsupported() if tools or force or used else None
+        problem = self.tools_unsupported(served) if tools or force or used else None
         if problem:
             raise BadRequest(problem, "tools" if tools or force else f"messages[{used[0]}]")
         names = [tool_name(t) for t in tools or ()]
         if force is not None and force not in names:
             raise BadRequest(f"tool_choice names {force!r}, which is not among the tools "
                              f"({', '.join(map(str, names)) or 'none given'})", "tool_choice")
-        chat_template = self.generator.template_name == "chat"
+        chat_template = served.generator.template_name == "chat"
         for i, tool in enumerate(tools or ()):
             text = json.dumps(tool, ensure_ascii=False) if chat_template else str(tool_name(tool))
-            if self._reads_control_tokens(text):
+            if self._reads_control_tokens(served.generator, text):
                 raise BadRequest(f"tools[{i}] spells a control token of this model", f"tools[{i}]")
         for i in used:
             for call in messages[i].tool_calls:
                 text = call.as_json() if chat_template else call.name
-                if self._reads_control_tokens(text):
+                if self._reads_control_tokens(served.generator, text):
                     raise BadRequest(f"messages[{i}]: the call of {call.name[:60]!r} spells a control token of "
                                      "this model", f"messages[{i}].tool_calls")
         results = next((n for n, m in enumerate(reversed(messages)) if m.role != "tool"), len(messages))
@@ -372,21 +442,23 @@ class ChatEngine:
             raise BadRequest(f"{calls - results} tool call(s) of the last assistant message have no result; send "
                              "each result as a tool message", "messages")
 
-    def _reads_control_tokens(self, text: str) -> bool:
+    def _reads_control_tokens(self, generator: Generator, text: str) -> bool:
         """Whether `text`, written by a template as scaffolding, would yield control tokens, not plain text."""
         if not text or self._controls is None or not self._controls.search(text):
             return False
+
         def ids(content: bool) -> list[int]:
-            return self.generator.encoder.encode_segment(Segment([Part(text, content)]), split=False, plain=True).ids()
+            return generator.encoder.encode_segment(Segment([Part(text, content)]), split=False, plain=True).ids()
 
         return ids(False) != ids(True)
 
     def submit(self, job: Job) -> None:
         self.start()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise Busy(f"the server is busy ({self._queue.maxsize} requests waiting); try again shortly") from None
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise Busy(f"the server is busy ({self.max_queue} requests waiting); try again shortly")
+            self._waiting.append(job)
+            self._wake.notify()
 
     def stream(self, request: ChatRequest, cancel: threading.Event | None = None) -> Iterator[Event]:
         """Blocking helper for callers in a thread of their own (the web UI, tests): the events of one request."""
@@ -402,52 +474,149 @@ class ChatEngine:
                 if isinstance(event, (Finished, Failed)):
                     return
         finally:
-            job.cancel()  # the caller stopped early: free the model for the next request
+            job.cancel()  # the caller stopped early: its row leaves the batch
+            self.wake()
 
     # -- the worker -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="glmtune-engine", daemon=True)
-            self._worker.start()
+        with self._lock:
+            if self._worker is None:
+                self._closing = False
+                self._worker = threading.Thread(target=self._work, name="glmtune-engine", daemon=True)
+                self._worker.start()
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join(timeout=30)
-            self._worker = None
+        with self._lock:
+            worker, self._closing = self._worker, True
+            self._wake.notify()
+        if worker is not None:
+            worker.join(timeout=30)
+        self._worker = None
+
+    def wake(self) -> None:
+        """Lets an idle worker look again (a job was cancelled)."""
+        with self._lock:
+            self._wake.notify()
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        """Requests queued, not yet generating."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests generating now (in the batch or being prefilled)."""
+        return len(self.batcher.sequences)
 
     def _work(self) -> None:
+        batcher = self.batcher
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                self.cancelled += 1
-                job.deliver(Finished(len(job.prompt_ids), 0, "cancelled"))
+            with self._lock:
+                while not self._closing and not batcher.busy and not self._waiting:
+                    self._wake.wait()
+                if self._closing:
+                    break
+                admitted = self._admit()
+            for job in admitted:
+                self._begin(job)
+            for sequence in batcher.sequences:
+                if sequence.owner.cancelled.is_set():
+                    batcher.remove(sequence)
+                    self._end(sequence.owner, "cancelled")
+            if not batcher.busy:
                 continue
-            failure = None
-            try:
-                finished = self._generate(job)
-                if finished.finish_reason == "cancelled":
-                    self.cancelled += 1
-                else:
-                    self.answered += 1
-                job.deliver(finished)
-            except Exception as e:  # one failed request must not take the server down
-                if is_out_of_memory(e):
-                    failure = self._out_of_memory(job, e)
-                    log.warning("%s", failure)
-                else:
-                    log.exception("generation failed")
-                    failure = f"generation failed: {type(e).__name__}: {e}"
-            if failure is not None:
-                free_memory()  # out of the except block: the failed request's tensors are garbage now
-                job.deliver(Failed(failure))
+            _, failures = batcher.step(self._took)
+            for failure in failures:
+                self._failed(failure)
+        for sequence in batcher.sequences:  # closing: what is still running ends now
+            batcher.remove(sequence)
+            self._end(sequence.owner, "cancelled")
+
+    def _admit(self) -> list[Job]:
+        """Jobs that join the batch now, in arrival order (the lock is held). Cancelled ones are answered here."""
+        admitted = []
+        for job in [j for j in self._waiting if j.cancelled.is_set()]:
+            self._waiting.remove(job)
+            self.cancelled += 1
+            job.deliver(Finished(len(job.prompt_ids), 0, "cancelled"))
+        while self._waiting:
+            job = self._waiting[0]
+            generation = job.generation
+            head = self._heads[job.served.name]
+            job.sequence = Sequence(job.prompt_ids, generation.max_new_tokens,
+                                    Sampling(generation.temperature, generation.top_p, generation.repetition_penalty,
+                                             generation.seed), job.served.route, owner=job,
+                                    head=len(head) if job.prompt_ids[:len(head)] == head else 0)
+            if not self.batcher.fits(job.sequence):
+                break
+            self._waiting.popleft()
+            self.batcher.add(job.sequence)
+            admitted.append(job)
+        return admitted
+
+    def _begin(self, job: Job) -> None:
+        style = tool_style(job.served.generator)
+        stop_ids = job.served.generator.stop_ids
+        if job.tool_names is not None:
+            job.answer = _ToolAnswer(self.tokenizer, stop_ids, job.request.stop, style, job.tool_names,
+                                     job.request.force_tool)
+        else:
+            job.answer = _AnswerText(self.tokenizer, stop_ids, job.request.stop)
+
+    def _took(self, sequence: Sequence, token: int) -> None:
+        job = sequence.owner
+        if job.cancelled.is_set():
+            if sequence.finished is None:
+                self.batcher.remove(sequence)
+            self._end(job, "cancelled")
+            return
+        self._deliver(job, job.answer.add(token))
+        if job.answer.hit_stop_string and sequence.finished is None:
+            self.batcher.remove(sequence)
+            sequence.finished = "stop"
+        if sequence.finished is not None:
+            self._deliver(job, job.answer.finish())
+            if job.cancelled.is_set():
+                reason = "cancelled"
+            elif isinstance(job.answer, _ToolAnswer) and job.answer.calls:
+                reason = "tool_calls"
+            elif job.answer.hit_stop_string or job.answer.ended_on_stop_token:
+                reason = "stop"
+            else:
+                reason = "length"
+            self._end(job, reason)
+
+    def _deliver(self, job: Job, events) -> None:
+        for event in events if isinstance(events, list) else [events]:
+            if event and not job.cancelled.is_set():
+                job.deliver(event)
+
+    def _end(self, job: Job, reason: str) -> None:
+        if job.ended:
+            return
+        job.ended = True
+        if reason == "cancelled":
+            self.cancelled += 1
+        else:
+            self.answered += 1
+        completion = job.answer.completion_tokens if job.answer is not None else 0
+        job.deliver(Finished(len(job.prompt_ids), completion, reason))
+
+    def _failed(self, failure: StepFailed) -> None:
+        error = failure.error
+        if is_out_of_memory(error):
+            messages = {id(s): self._out_of_memory(s.owner, error) for s in failure.sequences}
+            log.warning("%s", next(iter(messages.values())))
+        else:
+            log.error("generation failed", exc_info=error)
+            messages = {id(s): f"generation failed: {type(error).__name__}: {error}" for s in failure.sequences}
+        failure.error = None
+        free_memory()  # the failed step's tensors are garbage now
+        for sequence in failure.sequences:
+            job = sequence.owner
+            job.ended = True
+            job.deliver(Failed(messages[id(sequence)]))
 
     def _out_of_memory(self, job: Job, error: BaseException) -> str:
         """The message for a request that ran out of memory: its size, and what would make it fit."""
@@ -459,36 +628,13 @@ class ChatEngine:
             advice += "; a base loaded with --quantization-bit 4 needs less memory"
         return advice
 
-    def _generate(self, job: Job) -> Finished:
-        answer: _AnswerText | _ToolAnswer
-        if job.tool_names is not None:
-            answer = _ToolAnswer(self.tokenizer, self.generator.stop_ids, job.request.stop, self.tool_style,
-                                 job.tool_names, job.request.force_tool)
-        else:
-            answer = _AnswerText(self.tokenizer, self.generator.stop_ids, job.request.stop)
 
-        def deliver(events) -> None:
-            for event in events if isinstance(events, list) else [events]:
-                if event and not job.cancelled.is_set():
-                    job.deliver(event)
-
-        def on_token(token: int) -> None:
-            deliver(answer.add(token))
-
-        if job.generation.seed is not None:
-            torch.manual_seed(job.generation.seed)
-        self.generator.stream(job.prompt_ids, job.generation, on_token,
-                              should_stop=lambda: job.cancelled.is_set() or answer.hit_stop_string)
-        deliver(answer.finish())
-        if job.cancelled.is_set():
-            reason = "cancelled"
-        elif isinstance(answer, _ToolAnswer) and answer.calls:
-            reason = "tool_calls"
-        elif answer.hit_stop_string or answer.ended_on_stop_token:
-            reason = "stop"
-        else:
-            reason = "length"
-        return Finished(len(job.prompt_ids), answer.completion_tokens, reason)
+def shared_head(generator: Generator) -> list[int]:
+    """The tokens every one-question prompt of this model starts with (the template's head, a default system
+    prompt): the common start of two prompts whose questions share no character."""
+    first, second = (generator.prompt_ids([Message("user", text)]) for text in ("Q", "字"))
+    size = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    return first[:size]
 
 
 def tool_style(generator: Generator) -> str | None:

@@ -3,8 +3,12 @@
 Routes: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`, and `GET /health` (no key
 needed; for readiness checks). Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param",
 "code"}}`, so OpenAI clients raise their usual exceptions: 400 for a request that cannot be answered as
-asked, 401 for a missing or wrong key, 503 when the queue is full, 500 when generation itself failed.
-The request's `model` field is not checked: one server serves one model, whatever a client calls it.
+asked, 401 for a missing or wrong key, 404 for a model this server does not serve, 503 when the queue is
+full, 500 when generation itself failed.
+
+Models: a server of one model answers whatever a client calls it (the `model` field is not checked). A server
+of several adapters over one base (`glmtune serve --adapter NAME=DIR ...`) lists them all, the base included,
+in `GET /v1/models`; the request's `model` picks one, and a name it does not serve is a 404.
 
 Tools (ChatGLM3 and GLM-4 models): `tools` and `tool_choice` ("auto", "none", "required" with one tool, or a
 named function) as OpenAI's API takes them; a call in the answer comes back as the message's `tool_calls` with
@@ -160,7 +164,7 @@ class ChatCompletionBody(_Strict):
         generation = replace(defaults, **{k: v for k, v in given.items() if v is not None})
         # without max_tokens the answer gets the engine's length, cut to what the context has left
         return ChatRequest(messages, generation, stop=stops, fit_context=length is None, tools=tools,
-                           force_tool=force)
+                           force_tool=force, model=self.model)
 
     def _messages(self) -> list[Message]:
         """The conversation. One with tool calls or results is read as training data is (read_turn): calls
@@ -383,24 +387,30 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
     async def server_error(request, exc):  # logged by Starlette; the client gets OpenAI's shape, not plain text
         return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
-    def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "glmtune"}
+    several = len(engine.model_names) > 1
+    names = [str(name) for name in engine.model_names] if several else [model_name]
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "glmtune"}
+
+    def not_served(name: str) -> JSONResponse:
+        return _error(404, f"model {name!r} not found; this server serves {', '.join(repr(n) for n in names)}",
+                      param="model", code="model_not_found")
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "waiting": engine.waiting, "answered": engine.answered,
-                "cancelled": engine.cancelled}
+        return {"status": "ok", "model": model_name, "models": names, "waiting": engine.waiting,
+                "running": engine.running, "answered": engine.answered, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in names]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        if name != model_name:
-            return _error(404, f"model {name!r} not found; this server serves {model_name!r}",
-                          param="model", code="model_not_found")
-        return model_card()
+        if name not in names:
+            return not_served(name)
+        return model_card(name)
 
     @app.post("/v1/chat/completions",
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -420,6 +430,9 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
             return _error(400, message, param=param)
         except BadRequest as e:
             return _error(400, str(e), param=e.param)
+        if several and chat.model is not None and chat.model not in names:  # before the prompt is built
+            return not_served(chat.model)
+        answered_by = chat.model if several and chat.model is not None else names[0]
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -439,7 +452,7 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
         stamp = int(time.time())
         if body.stream:  # StreamingResponse notices a client that goes away, and _sse cancels the job
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(job, events, completion_id, stamp, model_name, include_usage),
+            return StreamingResponse(_sse(job, events, completion_id, stamp, answered_by, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -476,7 +489,7 @@ def create_app(engine: ChatEngine, model_name: str, api_key: str | None = None, 
         if calls:
             message["tool_calls"] = calls
         return {
-            "id": completion_id, "object": "chat.completion", "created": stamp, "model": model_name,
+            "id": completion_id, "object": "chat.completion", "created": stamp, "model": answered_by,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": event.finish_reason}],
             "usage": _usage(event),
         }

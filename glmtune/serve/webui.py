@@ -30,8 +30,10 @@ class Chat:
         self.running: dict[str, threading.Event] = {}  # browser session -> cancel of its answer in progress
 
     def respond(self, text: str, shown: list, conversation: list[Message], max_new_tokens: float,
-                temperature: float, top_p: float, session: str = "") -> Iterator[tuple[str, list, list[Message]]]:
-        """Yields (textbox, chatbot, conversation) as the answer grows."""
+                temperature: float, top_p: float, session: str = "",
+                model: str | None = None) -> Iterator[tuple[str, list, list[Message]]]:
+        """Yields (textbox, chatbot, conversation) as the answer grows; `model`: the served adapter that answers
+        (None: the first)."""
         text = (text or "").strip()
         if not text:
             yield "", shown, conversation
@@ -42,7 +44,7 @@ class Chat:
         messages = ([Message("system", self.system)] if self.system else []) + asked
         generation = GenerationOptions(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                        top_p=float(top_p), repetition_penalty=self.repetition_penalty)
-        request = ChatRequest(messages, generation)
+        request = ChatRequest(messages, generation, model=model or None)
         cancel = self.running[session] = threading.Event()
         answer, error = "", None
         try:
@@ -86,10 +88,13 @@ def _build(engine, *, title: str, system: str | None, max_new_tokens: int, tempe
 
     chat = Chat(engine, system, repetition_penalty)
     longest = getattr(engine, "context_length", None) or DEFAULT_LONGEST
+    models = [str(name) for name in getattr(engine, "model_names", [None]) if name is not None]
 
     # gr.Request (found by its annotation) tells browser tabs apart, so Stop ends only this tab's answer.
-    def respond(text, shown, conversation, max_new_tokens, temperature, top_p, request: gr.Request = None):
-        steps = chat.respond(text, shown, conversation, max_new_tokens, temperature, top_p, _session(request))
+    def respond(text, shown, conversation, max_new_tokens, temperature, top_p, model=None,
+                request: gr.Request = None):
+        steps = chat.respond(text, shown, conversation, max_new_tokens, temperature, top_p, _session(request),
+                             model)
         yield next(steps)
         for _, shown, conversation in steps:  # leave the box alone: the next question may be typed meanwhile
             yield gr.skip(), shown, conversation
@@ -102,6 +107,8 @@ def _build(engine, *, title: str, system: str | None, max_new_tokens: int, tempe
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"### {title}")
+        # several adapters over one base: which one answers (the conversation stays when it changes)
+        choice = gr.Dropdown(models, value=models[0], label="Model", elem_id="model") if len(models) > 1 else None
         # No "share" button: it posts to Hugging Face Spaces.
         chatbot = gr.Chatbot(label="Chat", height=460, feedback_options=None, buttons=["copy", "copy_all"],
                              elem_id="chat")
@@ -119,8 +126,9 @@ def _build(engine, *, title: str, system: str | None, max_new_tokens: int, tempe
             nucleus = gr.Slider(0.01, 1, value=min(max(top_p, 0.01), 1.0), step=0.01, label="Top-p")
         # One listener for Enter and Send. "once": a question sent while an answer streams is ignored (it stays
         # in the box), as it would be answered against a stale chat. Progress shows on the chat, not the box.
-        answering = gr.on([box.submit, send.click], respond, [box, chatbot, conversation, tokens, temp, nucleus],
-                          [box, chatbot, conversation], trigger_mode="once", show_progress_on=chatbot)
+        inputs = [box, chatbot, conversation, tokens, temp, nucleus] + ([choice] if choice is not None else [])
+        answering = gr.on([box.submit, send.click], respond, inputs, [box, chatbot, conversation],
+                          trigger_mode="once", show_progress_on=chatbot)
         stop_button.click(stop, None, None, queue=False)
         # cancels= drops the answer's remaining updates, so it cannot refill the emptied chat.
         clear_button.click(clear, None, [chatbot, conversation], queue=False, cancels=[answering])

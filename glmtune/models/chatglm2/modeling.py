@@ -275,6 +275,12 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         self.prefix_encoder.to(self.embedding.word_embeddings.weight.device)
         self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
 
+    def disable_prefix(self) -> None:
+        """Take the prefix encoder off again (a server computes a P-Tuning adapter's prefix once and keeps it in
+        its cache rows instead)."""
+        self.prefix_encoder = None
+        self.config.pre_seq_len = None
+
     def get_input_embeddings(self):
         return self.embedding.word_embeddings
 
