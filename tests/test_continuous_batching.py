@@ -333,8 +333,9 @@ def test_webui_picks_the_adapter(served):
 
 @pytest.mark.parametrize("family", ["generic", "chatglm3"])
 def test_a_shared_head_is_computed_once_and_answers_stay_the_same(tiny_family_dir, family):
-    """Prompts that start with the served model's head reuse its keys and values; the answers are those of a fresh
-    batcher that had to compute the head, and of transformers' generate."""
+    """Prompts that start with the served model's head reuse its keys and values, and the rest of the prompts that
+    arrive together run in one forward; the answers are those of a fresh batcher that had to compute the head,
+    and of transformers' generate."""
     from glmtune.inference.generate import Generator
     from glmtune.models.loader import load_model
     from glmtune.serve.engine import shared_head
@@ -345,10 +346,66 @@ def test_a_shared_head_is_computed_once_and_answers_stay_the_same(tiny_family_di
     prompts = [generator.prompt_ids([Message("user", q)]) for q in QUESTIONS]
     assert all(p[:len(head)] == head for p in prompts)
     batcher = ContinuousBatcher(generator.loaded.model, stop_ids=generator.stop_ids)
-    together = run(batcher, [Sequence(p, 8, head=len(head)) for p in prompts])
+    together = run(batcher, [Sequence(p, 8, head=len(head)) for p in prompts], stagger=False)
     assert batcher.head_hits == len(prompts) - 1
+    assert batcher.prefilled_together == len(prompts)  # all the rest of their prompts in one padded forward
     for i, (question, prompt) in enumerate(zip(QUESTIONS, prompts)):
         fresh = ContinuousBatcher(generator.loaded.model, stop_ids=generator.stop_ids)
         assert together[i] == run(fresh, [Sequence(prompt, 8, head=len(head))])[0] and fresh.head_hits == 0
         assert together[i] == generator.generate_ids([[Message("user", question)]],
                                                      GenerationOptions(max_new_tokens=8))[0]
+
+
+def test_serve_command_serves_named_adapters_beside_the_base(glmtune_running, tiny_model_dir, adapters, served):
+    import httpx
+
+    with glmtune_running(["serve", "--model", str(tiny_model_dir), "--port", "0", "--max-batch", "4",
+                          "--adapter", f"lora-a={adapters['lora-a']}", "--adapter", f"prefix={adapters['prefix']}"],
+                         r"serving \S+ at (http://\S+)/v1") as ready:
+        base = ready.group(1)
+        for _ in range(100):  # the socket accepts at once; the app may still be starting
+            try:
+                listed = httpx.get(base + "/v1/models", timeout=10).json()
+                break
+            except httpx.HTTPError:
+                threading.Event().wait(0.1)
+        assert [m["id"] for m in listed["data"]] == ["base", "lora-a", "prefix"]
+        for name in ("lora-a", "prefix", "base"):
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "model": name}
+            reply = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+            expected = collect(served, [ChatRequest([Message("user", "hi")], GenerationOptions(max_new_tokens=5),
+                                                    model=name)])[0][0]
+            assert reply["model"] == name and reply["choices"][0]["message"]["content"] == expected
+        assert httpx.get(base + "/health", timeout=10).json()["models"] == ["base", "lora-a", "prefix"]
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--adapter", "a=/nowhere/x", "--adapter", "a=/nowhere/y"], "given twice"),
+    (["--adapter", "base=/nowhere/x"], "bare base model's name"),
+    (["--adapter", "a=/nowhere/x", "--pre-seq-len", "8"], "--pre-seq-len is for one official"),
+    (["--adapter", "a=/nowhere/x"], "adapter folder /nowhere/x does not exist"),
+])
+def test_adapter_and_batching_options_that_cannot_work_are_one_line_errors(capsys, options, words):
+    from glmtune.cli import main
+
+    assert main(["serve", "--port", "0", *options]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and err.startswith("glmtune: error: "), err
+
+
+@pytest.mark.parametrize("change, words", [({"use_dora": True}, "uses DoRA"),
+                                           ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                                           ({"lora_bias": True}, "lora_bias")])
+def test_lora_adapters_several_adapters_cannot_serve_are_refused_by_name(adapters, tmp_path, change, words):
+    import json
+    import shutil
+
+    from glmtune.errors import GlmtuneError
+    from glmtune.inference.multi_lora import MultiLora
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapters["lora-a"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(GlmtuneError, match=f"adapter odd .*{words}.*serve it alone"):
+        MultiLora(torch.nn.Module()).add("odd", folder)

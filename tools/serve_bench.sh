@@ -29,9 +29,14 @@ adapter() {  # a LoRA adapter of the default shape (rank 16), one step at a tiny
 
 run() {  # run NAME REQUESTS [serve arguments...]: serve, load it, stop it
   local name=$1 requests=$2; shift 2
-  local src=()
-  if [ "${SRC:-}" ]; then src=(env PYTHONPATH="$SRC"); fi
-  "${src[@]}" "$PY" -m glmtune serve --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
+  if [ "${SRC:-}" ]; then  # that checkout's glmtune, not the one installed here (an editable install's finder
+    # comes before sys.path, so PYTHONPATH alone would not do)
+    "$PY" -c "import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+sys.path.insert(0, '$SRC'); sys.argv[0] = 'glmtune'; runpy.run_module('glmtune', run_name='__main__')" \
+        serve --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
+  else
+    "$PY" -m glmtune serve --port "$PORT" "$@" > "$OUT/$name.server.log" 2>&1 &
+  fi
   local pid=$!
   for _ in $(seq 600); do grep -q "serving" "$OUT/$name.server.log" && break; sleep 0.5; done
   local models=()
@@ -45,6 +50,7 @@ run() {  # run NAME REQUESTS [serve arguments...]: serve, load it, stop it
 
 adapter a 1; adapter b 2; adapter c 3
 if [ "$BASELINE_SRC" ]; then SRC=$BASELINE_SRC run one_at_a_time_engine "$BASELINE_REQUESTS"; fi
+if [ "${ONLY_BASELINE:-}" ]; then exit 0; fi
 run max_batch_1 "$BASELINE_REQUESTS" --max-batch 1
 run continuous_batching "$REQUESTS"
 run one_adapter "$ADAPTER_REQUESTS" --adapter "$OUT/adapters/a/adapter"  # merged into the base, as served alone

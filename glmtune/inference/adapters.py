@@ -1,6 +1,6 @@
 """Several adapters served over one copy of a base model.
 
-LoRA adapters are loaded into one peft model under their own adapter names and stay unmerged, so each batch
+LoRA adapters stay unmerged, side by side in each adapted layer (glmtune.inference.multi_lora), so each batch
 row picks its adapter (glmtune.inference.batching). A P-Tuning v2 adapter is a key/value prefix: it is loaded
 onto the base the usual way, its keys and values are computed once, and the prefix encoder is taken off the
 base again; a row of that adapter then starts its cache with those keys and values. The base itself is served
@@ -22,6 +22,7 @@ import torch
 
 from glmtune.errors import GlmtuneError
 from glmtune.inference.batching import BASE_ROUTE, Route
+from glmtune.inference.multi_lora import MultiLora
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,11 @@ def load_served_models(model_name: str | None, adapters: list[tuple[str, str]], 
             routes[name] = Route(prefix=prefix_key_values(loaded.model, folder, infos[name]))
     lora = [(name, folder) for name, folder in folders if infos[name]["method"] != "ptuning"]
     if lora:
-        loaded.model = _load_lora(loaded.model, lora, infos, base)
-        for index, (name, folder) in enumerate(lora):
-            config = loaded.model.peft_config[_key(index)]
-            routes[name] = Route(lora=_key(index), mixable=not getattr(config, "use_dora", False))
-        loaded.model.eval()
+        adapters = MultiLora(loaded.model)
+        for name, folder in lora:
+            adapters.add(name, folder)
+            routes[name] = Route(lora=name, adapters=adapters)
+        adapters.install()
 
     def generator(info: dict | None) -> Generator:
         return Generator(loaded, template or (info or {}).get("template") or "auto", limits)
@@ -141,31 +142,6 @@ def load_served_models(model_name: str | None, adapters: list[tuple[str, str]], 
         served.append(ServedModel(name, generator(info), prompt_template_for(prompt_template, folder, base),
                                   routes[name], str(folder), info["method"]))
     return served
-
-
-def _key(index: int) -> str:
-    """peft's name for the index-th LoRA adapter (client names may hold characters peft's module names cannot)."""
-    return f"served_{index}"
-
-
-def _load_lora(model, lora: list[tuple[str, Path]], infos: dict[str, dict], base: str):
-    from peft import PeftModel
-
-    from glmtune.errors import one_line
-    from glmtune.methods.lora import fit_quantized, read_lora_config
-    from glmtune.models.loader import load_errors
-
-    for index, (name, folder) in enumerate(lora):
-        try:
-            config = fit_quantized(model, read_lora_config(folder))
-            if index == 0:
-                model = PeftModel.from_pretrained(model, folder, adapter_name=_key(0), is_trainable=False,
-                                                  config=config)
-            else:
-                model.load_adapter(folder, adapter_name=_key(index), is_trainable=False, peft_config=config)
-        except load_errors() as e:
-            raise GlmtuneError(f"cannot load the LoRA adapter {name} from {folder}: {one_line(e)}") from None
-    return model
 
 
 @torch.no_grad()

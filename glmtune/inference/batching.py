@@ -22,8 +22,8 @@ Each sequence has its own sampling (temperature, top_p, repetition penalty as tr
 its own random generator, seeded by its request: a seeded answer is the same whatever else is running.
 
 Adapters (several served over one base):
-- LoRA through peft, each row naming its adapter (peft's mixed-adapter batches; "__base__" for none).
-  An adapter peft cannot mix (DoRA) runs in batches of its own rows, set as the active adapter.
+- LoRA: every adapted layer adds each row's own adapter's update (glmtune.inference.multi_lora), so rows of
+  different adapters, and of the bare base, share a batch.
 - P-Tuning v2: a prefix is keys and values in front of every layer's, seen by every token, with no position.
   That is exactly what a row's cache holds when it starts with the prefix, so a P-Tuning row is a base row
   whose cache starts with its adapter's prefix, and it shares the batch with every other row.
@@ -31,6 +31,7 @@ Adapters (several served over one base):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +44,7 @@ log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill forward
 DEFAULT_CACHE_BYTES = 2 * 1024 ** 3  # the batch's key/value cache a server allows unless told otherwise
-BASE_ADAPTER = "__base__"
-MAX_HEADS = 16  # shared heads kept (one per served model and head)  # peft's name for "no adapter" in a mixed batch
+MAX_HEADS = 16  # shared heads kept (one per served model and head)
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, length, head_dim]
 
@@ -61,12 +61,12 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Route:
-    """Which adapter a sequence runs under: a peft LoRA adapter name (None: the base), a P-Tuning prefix, and
-    whether peft can mix the adapter with others in one batch."""
+    """Which adapter a sequence runs under: a LoRA adapter's name among `adapters` (None: the base), or a
+    P-Tuning prefix."""
 
     lora: str | None = None
+    adapters: object | None = None  # the MultiLora holding `lora`
     prefix: KeyValues | None = None
-    mixable: bool = True
 
     @property
     def prefix_length(self) -> int:
@@ -100,6 +100,7 @@ class Sequence:
         self.filled = 0
         self.position: torch.Tensor | None = None  # the next token's position ids: [] or [2]
         self.pending: int | None = None  # the token sampled last, fed at the next decode step
+        self.alone = False  # prefill it alone (a prefill together with others ran out of memory)
 
     @property
     def span(self) -> int:
@@ -290,7 +291,6 @@ class ContinuousBatcher:
         self.max_tokens = max_tokens  # cache columns times rows, padding included; None: no limit
         self.prefill_chunk = prefill_chunk
         self.positions = _positions_for(model)
-        self.peft = hasattr(model, "peft_config")  # several LoRA adapters, chosen per row
         self.joining: list[Sequence] = []  # prefilling, in arrival order
         self.running: list[Sequence] = []  # the batch's rows, in cache row order
         self.cache = None
@@ -300,6 +300,7 @@ class ContinuousBatcher:
         # (route, head tokens) -> per-layer (keys, values) of the head, prefix included; a few entries at most
         self.heads: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.head_hits = 0
+        self.prefilled_together = 0  # sequences whose last chunk ran with others' (one forward)
 
     @property
     def device(self) -> torch.device:
@@ -326,12 +327,7 @@ class ContinuousBatcher:
             return True
         if not self.joinable or len(live) >= self.max_batch:
             return False
-        if self.max_tokens is not None and self.reserved(sequence) > self.max_tokens:
-            return False
-        route = sequence.route
-        if not route.mixable or any(not s.route.mixable for s in live):  # a batch of one adapter's rows only
-            return all(s.route.lora == route.lora for s in live)
-        return True
+        return self.max_tokens is None or self.reserved(sequence) <= self.max_tokens
 
     def add(self, sequence: Sequence) -> None:
         sampling = sequence.sampling
@@ -364,24 +360,36 @@ class ContinuousBatcher:
         emit = emit or (lambda sequence, token: None)
         failures: list[StepFailed] = []
         budget = self.prefill_chunk
+        last: list[Sequence] = []  # sequences whose last chunk runs in this step, together where they can
         for sequence in list(self.joining):
             if budget <= 0:
                 break
             try:
-                while sequence.filled < len(sequence.prompt) and budget > 0:
+                while budget > 0 and sequence.filled < len(sequence.prompt):
+                    if self._groupable(sequence):
+                        last.append(sequence)
+                        budget -= len(sequence.prompt) - sequence.filled
+                        break
                     budget -= self._prefill_chunk(sequence)
             except StepFailed as failed:
                 failures.append(failed)
                 continue
             if sequence.filled == len(sequence.prompt):
-                self.joining.remove(sequence)
-                token = self._take(sequence, sequence.pending)
-                if sequence.finished is None:
-                    self._join(sequence)
-                else:
-                    sequence.cache = None
-                produced.append((sequence, token))
-                emit(sequence, token)
+                self._prefilled([sequence], sequence.cache, None, produced, emit)
+        if len(last) == 1:
+            try:
+                self._prefill_chunk(last[0])
+            except StepFailed as failed:
+                failures.append(failed)
+            else:
+                self._prefilled(last, last[0].cache, None, produced, emit)
+        elif last:
+            try:
+                cache, columns = self._prefill_together(last)
+            except StepFailed as failed:
+                failures.append(failed)
+            else:
+                self._prefilled(last, cache, columns, produced, emit)
         if self.running:
             try:
                 decoded = self._decode()
@@ -394,17 +402,80 @@ class ContinuousBatcher:
         self.steps += 1
         return produced, failures
 
+    def _prefilled(self, sequences: list[Sequence], cache, columns: torch.Tensor | None,
+                   produced: list[tuple[Sequence, int]], emit: Callable[[Sequence, int], None]) -> None:
+        """Sequences whose prompts are in `cache` (one row each, `columns` marking its real columns; None: all
+        real) take their first token and join the batch."""
+        keep = []
+        for row, sequence in enumerate(sequences):
+            self.joining.remove(sequence)
+            sequence.cache = None
+            token = self._take(sequence, sequence.pending)
+            if sequence.finished is None:
+                keep.append(row)
+            produced.append((sequence, token))
+        if keep:
+            if columns is None:
+                columns = torch.ones(len(sequences), cache.get_seq_length(), dtype=torch.bool, device=self.device)
+            self._join_rows(cache, columns, [sequences[row] for row in keep], keep)
+        for sequence in sequences:
+            emit(sequence, sequence.tokens[-1])
+
+    def _groupable(self, sequence: Sequence) -> bool:
+        """Whether what is left of `sequence`'s prompt can run in one forward with other sequences' last chunks:
+        one chunk, over a cache that already holds something (its head or prefix), so that its padding always
+        has a real column to attend to."""
+        left = len(sequence.prompt) - sequence.filled
+        return (self.positions.chunked and left <= self.prefill_chunk and sequence.cache is not None
+                and sequence.cache.get_seq_length() > 0 and _joinable(sequence.cache) and not sequence.alone)
+
+    @torch.inference_mode()
+    def _prefill_together(self, group: list[Sequence]) -> tuple[object, torch.Tensor]:
+        """The last chunk of several prompts in one forward, so the weights are read once for all of them (a
+        forward of a few tokens costs nearly as much as one of many). Each row: its cache right-aligned, then
+        its chunk right-aligned, padding masked. Returns the cache and its real columns, one row per sequence."""
+        device = self.device
+        held = [s.cache.get_seq_length() for s in group]
+        width, length = max(held), max(len(s.prompt) - s.filled for s in group)
+        cache = _new_cache(self.config)
+        for index, layer in enumerate(cache.layers):
+            keys = torch.cat([_pad_left(s.cache.layers[index].keys, width) for s in group])
+            values = torch.cat([_pad_left(s.cache.layers[index].values, width) for s in group])
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        ids = torch.zeros(len(group), length, dtype=torch.long, device=device)
+        positions = torch.zeros(len(group), length, dtype=torch.long, device=device)
+        columns = torch.zeros(len(group), width + length, dtype=torch.bool, device=device)
+        for row, (sequence, before) in enumerate(zip(group, held)):
+            chunk = sequence.prompt[sequence.filled:]
+            ids[row, length - len(chunk):] = torch.tensor(chunk, device=device)
+            positions[row, length - len(chunk):] = torch.arange(sequence.filled, len(sequence.prompt), device=device)
+            columns[row, width - before:width] = True
+            columns[row, width + length - len(chunk):] = True
+        try:
+            logits = self._forward(group, cache, input_ids=ids, position_ids=positions,
+                                   attention_mask=columns.long())
+        except Exception as e:
+            if is_out_of_memory(e):  # each alone next time: smaller forwards
+                for sequence in group:
+                    sequence.alone = True
+                raise StepFailed([], e) from e
+            for sequence in group:
+                self.joining.remove(sequence)
+                sequence.cache = None
+            raise StepFailed(group, e) from e
+        self.prefilled_together += len(group)
+        for row, sequence in enumerate(group):
+            sequence.filled = len(sequence.prompt)
+            sequence.pending = self._choose(sequence, logits[row])
+            sequence.position = self.positions.first_answer_position(sequence.prompt, device)
+        return cache, columns
+
     def _forward(self, sequences: list[Sequence], cache, **inputs) -> torch.Tensor:
         """Last-position logits [rows, vocab] in fp32 for `inputs` over `cache`, with each row's adapter."""
-        if self.peft:
-            lora = {s.route.lora for s in sequences}
-            if all(s.route.mixable for s in sequences):
-                inputs["adapter_names"] = [s.route.lora or BASE_ADAPTER for s in sequences]
-            elif len(lora) == 1 and None not in lora:
-                self.model.set_adapter(next(iter(lora)))
-            else:
-                raise RuntimeError("a batch mixed an adapter peft cannot mix with others")  # fits() prevents it
-        output = self.model(past_key_values=cache, use_cache=True, logits_to_keep=1, **inputs)
+        adapters = next((s.route.adapters for s in sequences if s.route.adapters is not None), None)
+        with adapters.batch([s.route.lora for s in sequences]) if adapters is not None else contextlib.nullcontext():
+            output = self.model(past_key_values=cache, use_cache=True, logits_to_keep=1, **inputs)
         return output.logits[:, -1, :].float()
 
     @torch.inference_mode()
@@ -509,28 +580,28 @@ class ContinuousBatcher:
 
     # -- the cache ---------------------------------------------------------------------------------
 
-    def _join(self, sequence: Sequence) -> None:
-        """Adds a prefilled sequence's cache to the batch's as a new row, right-aligned."""
-        own = sequence.cache
-        sequence.cache = None
-        own_length = own.get_seq_length()
-        device = self.device
+    def _join_rows(self, cache, columns: torch.Tensor, sequences: list[Sequence], rows: list[int]) -> None:
+        """Adds rows `rows` of a prefill's cache (`columns`: their real columns) to the batch as `sequences`,
+        right-aligned."""
+        if len(rows) != columns.shape[0]:
+            index = torch.tensor(rows, device=columns.device)
+            columns = columns[index]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
         if not self.running:
-            self.cache = own
-            self.columns = torch.ones(1, own_length, dtype=torch.bool, device=device)
-            if not _joinable(own):
+            self.cache, self.columns = cache, columns
+            if not _joinable(cache):
                 self.joinable = False
                 log.warning("this model's cache layers cannot be joined across requests; answering one at a time")
-            self.running = [sequence]
+            self.running = list(sequences)
             return
-        length = max(self.columns.shape[1], own_length)
+        length = max(self.columns.shape[1], columns.shape[1])
         self._pad_to(length)
-        for mine, theirs in zip(self.cache.layers, own.layers):
+        for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat((mine.keys, _pad_left(theirs.keys, length)), dim=0)
             mine.values = torch.cat((mine.values, _pad_left(theirs.values, length)), dim=0)
-        own_columns = torch.ones(1, own_length, dtype=torch.bool, device=device)
-        self.columns = torch.cat((self.columns, _pad_left(own_columns, length, dim=1)), dim=0)
-        self.running.append(sequence)
+        self.columns = torch.cat((self.columns, _pad_left(columns, length, dim=1)), dim=0)
+        self.running += sequences
 
     def _pad_to(self, length: int) -> None:
         if self.columns.shape[1] == length:

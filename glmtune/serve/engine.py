@@ -1,11 +1,18 @@
-"""One loaded model answering many clients (the API server and the web UI).
+"""One loaded model answering many clients (the API server, the web UI, the terminal chat).
 
 Requests are checked and tokenized by the caller's thread (several at once: nothing is locked, so a long
-prompt being tokenized holds up no other request), then wait in a first-in-first-out queue; a single worker
-thread generates for one request at a time, so concurrent clients never run over each other on the same
-model. Message text is plain text: a message that spells a control token cannot forge a turn (Encoder). Each request receives its answer as events: text pieces as they are decoded, then one
-`Finished` (token counts and why it stopped) or one `Failed`. A request can be cancelled at any moment (a
-client that went away): generation stops at the next token.
+prompt being tokenized holds up no other request), then wait in a first-in-first-out queue (`max_queue`; beyond
+it, Busy). A single worker thread drives a ContinuousBatcher (glmtune.inference.batching): between decoding
+steps it lets waiting requests join the batch while they fit (`max_batch` sequences, `max_batch_tokens` of
+cache), and a request leaves it at its stop token, a stop string, its length or its cancellation, so
+concurrent clients are answered together and never run over each other. Message text is plain text: a
+message that spells a control token cannot forge a turn (Encoder). Each request receives its answer as
+events: text pieces as they are decoded, then one `Finished` (token counts and why it stopped) or one
+`Failed`. A request can be cancelled at any moment (a client that went away): its row leaves the batch at the
+next step.
+
+Several served models (adapters over one base, glmtune.inference.adapters): the request's `model` picks one;
+each has its own prompt format and prompt template, and their rows share the batch.
 
 Tools (ChatGLM3 and GLM-4): a request may give the functions the model may call. They are written into the
 prompt as training wrote them, and the answer is read back: a message whose first line names a tool is a call,
@@ -605,6 +612,11 @@ class ChatEngine:
 
     def _failed(self, failure: StepFailed) -> None:
         error = failure.error
+        if not failure.sequences:  # a prefill together ran out of memory: its sequences retry alone
+            log.warning("out of memory prefilling several prompts together; prefilling them one by one")
+            failure.error = None
+            free_memory()
+            return
         if is_out_of_memory(error):
             messages = {id(s): self._out_of_memory(s.owner, error) for s in failure.sequences}
             log.warning("%s", next(iter(messages.values())))
