@@ -638,6 +638,10 @@ def _cmd_serve(args) -> int:
                     args.host)
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
     engine, name = _serving_engine(args, max_queue=args.max_queue)
+    together = f"{engine.batcher.max_batch} requests together" if engine.batcher.max_batch > 1 else "one request at a time"
+    print(f"glmtune: answering {together} within "
+          f"{engine.max_batch_tokens} cache tokens ({engine.max_batch_tokens * engine.cache_bytes_per_token / 2**20:.0f} "
+          f"MiB); up to {args.max_queue} more wait", flush=True)
     print(f"glmtune: serving {name} at {url(args.host, sock.getsockname()[1])}/v1 (OpenAI-compatible; Ctrl-C stops)",
           flush=True)
     serve(engine, name, sock=sock, api_key=api_key, hosts=allowed_hosts(args.host, args.allowed_host),

@@ -104,10 +104,11 @@ def test_two_processes_train_like_one_with_the_global_batch(one_process, two_pro
     assert _curve(one_process, "tokens_seen") == _curve(two, "tokens_seen")
     first, second = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (one_process, two))
     assert first.keys() == second.keys()
-    # weights up to ~0.2; one process alone (gradients not averaged) is ~1e-2 off; docs/distributed.md: 2e-5
+    # weights up to ~0.2; one process alone (gradients not averaged) is ~1e-2 off; measured 1.4e-5 on an AVX2 CPU
+    # and 3.0e-5 on an AVX-512 BF16 one (other math kernels): docs/distributed.md
     worst = max((first[name] - second[name]).abs().max().item() for name in first)
     print(f"largest adapter weight difference: {worst:.2e}")
-    assert worst <= 2e-5
+    assert worst <= 5e-5
     assert json.loads((two / "metrics.json").read_text())["world_size"] == 2
     assert json.loads((one_process / "metrics.json").read_text())["world_size"] == 1
 
