@@ -33,6 +33,7 @@ def run(batcher: ContinuousBatcher, sequences: list[Sequence], *, stagger: bool 
         produced, failures = batcher.step()
         assert not failures
         assert len(batcher.sequences) <= batcher.max_batch
+        batcher.peak = max(getattr(batcher, "peak", 0), len(batcher.running))
         if batcher.max_tokens is not None and batcher.columns is not None:
             assert batcher.columns.numel() <= batcher.max_tokens  # the cache really held: rows x columns
         for sequence, token in produced:
@@ -60,6 +61,7 @@ def test_staggered_sequences_answer_as_alone_and_as_transformers_generate(tiny_f
     lengths = [12, 5, 9, 1, 12]
     batcher = ContinuousBatcher(model, stop_ids=stops, prefill_chunk=8)
     together = run(batcher, [Sequence(p, n) for p, n in zip(prompts, lengths)])
+    assert batcher.peak >= 2  # they really decoded together
     for i, (question, prompt, length) in enumerate(zip(QUESTIONS, prompts, lengths)):
         expected = generator.generate_ids([[Message("user", question)]], GenerationOptions(max_new_tokens=length))[0]
         assert together[i] == alone(model, stops, prompt, length, prefill_chunk=8) == expected, (family, i)
@@ -409,3 +411,35 @@ def test_lora_adapters_several_adapters_cannot_serve_are_refused_by_name(adapter
     (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(GlmtuneError, match=f"adapter odd .*{words}.*serve it alone"):
         MultiLora(torch.nn.Module()).add("odd", folder)
+
+
+def test_a_sliding_window_model_is_answered_one_at_a_time_and_right(tmp_path, tokenizer, caplog):
+    """A cache whose layers are not plain (Mistral's sliding window) cannot be joined across sequences: the
+    batcher says so once and runs one sequence at a time, each answer still transformers' generate's."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from glmtune.inference.generate import Generator
+    from glmtune.models.loader import load_model
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=512, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=2, initializer_range=0.2, max_position_embeddings=1024)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = Generator(load_model(str(tmp_path)), "plain")
+    prompts = [generator.prompt_ids([Message("user", q)]) for q in QUESTIONS[:3]]
+    batcher = ContinuousBatcher(generator.loaded.model, stop_ids=generator.stop_ids)
+    most = 0
+    sequences = [Sequence(p, 6) for p in prompts]
+    pending = list(sequences)
+    while pending or batcher.busy:
+        while pending and batcher.fits(pending[0]):
+            batcher.add(pending.pop(0))
+        most = max(most, len(batcher.sequences))
+        batcher.step()
+    assert most == 1 and not batcher.joinable
+    assert "answering one at a time" in caplog.text
+    for question, sequence in zip(QUESTIONS[:3], sequences):
+        expected = generator.generate_ids([[Message("user", question)]], GenerationOptions(max_new_tokens=6))[0]
+        assert sequence.tokens[len(sequence.prompt):] == expected

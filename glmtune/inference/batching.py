@@ -185,7 +185,7 @@ def _new_cache(config):
 
 
 def _joinable(cache) -> bool:
-    return all(getattr(layer, "joinable", False) for layer in cache.layers)
+    return bool(cache.layers) and all(getattr(layer, "joinable", False) for layer in cache.layers)
 
 
 def _growing_layer():
@@ -295,7 +295,11 @@ class ContinuousBatcher:
         self.running: list[Sequence] = []  # the batch's rows, in cache row order
         self.cache = None
         self.columns: torch.Tensor | None = None  # [rows, length] bool: which cache columns hold a real token
-        self.joinable = True  # False once a cache turned out not to be joinable: one sequence at a time
+        # whether sequences' caches can be joined into one batch (not where a layer is a sliding window's):
+        # known before the first sequence is admitted, since otherwise one sequence at a time
+        self.joinable = _joinable(_new_cache(self.config))
+        if not self.joinable:
+            log.warning("this model's cache layers cannot be joined across requests; answering one at a time")
         self.steps = 0
         # (route, head tokens) -> per-layer (keys, values) of the head, prefix included; a few entries at most
         self.heads: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -590,9 +594,6 @@ class ContinuousBatcher:
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
         if not self.running:
             self.cache, self.columns = cache, columns
-            if not _joinable(cache):
-                self.joinable = False
-                log.warning("this model's cache layers cannot be joined across requests; answering one at a time")
             self.running = list(sequences)
             return
         length = max(self.columns.shape[1], columns.shape[1])

@@ -536,9 +536,13 @@ class ChatEngine:
             _, failures = batcher.step(self._took)
             for failure in failures:
                 self._failed(failure)
-        for sequence in batcher.sequences:  # closing: what is still running ends now
+        for sequence in batcher.sequences:  # closing: what is still running or waiting ends now
             batcher.remove(sequence)
             self._end(sequence.owner, "cancelled")
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in waiting:
+            self._end(job, "cancelled")
 
     def _admit(self) -> list[Job]:
         """Jobs that join the batch now, in arrival order (the lock is held). Cancelled ones are answered here."""
