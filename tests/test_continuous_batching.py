@@ -30,10 +30,11 @@ def run(batcher: ContinuousBatcher, sequences: list[Sequence], *, stagger: bool 
             batcher.add(pending.pop(0))
             if stagger:
                 break
+        batcher.peak = max(getattr(batcher, "peak", 0), len(batcher.sequences))  # sequences running together
+        assert len(batcher.sequences) <= batcher.max_batch
+        assert batcher.max_tokens is None or batcher.reserved() <= batcher.max_tokens
         produced, failures = batcher.step()
         assert not failures
-        assert len(batcher.sequences) <= batcher.max_batch
-        batcher.peak = max(getattr(batcher, "peak", 0), len(batcher.running))
         if batcher.max_tokens is not None and batcher.columns is not None:
             assert batcher.columns.numel() <= batcher.max_tokens  # the cache really held: rows x columns
         for sequence, token in produced:
@@ -123,16 +124,9 @@ def test_the_token_bound_makes_sequences_wait_and_holds(tiny_model_dir):
     prompts = [generator.prompt_ids([Message("user", q)]) for q in QUESTIONS]
     longest = max(len(p) for p in prompts) + 10
     batcher = ContinuousBatcher(generator.loaded.model, stop_ids=set(), max_tokens=2 * longest)
-    most = 0
     sequences = [Sequence(p, 10) for p in prompts]
-    pending = list(sequences)
-    while pending or batcher.busy:
-        while pending and batcher.fits(pending[0]):
-            batcher.add(pending.pop(0))
-        assert batcher.reserved() <= 2 * longest
-        most = max(most, len(batcher.sequences))
-        batcher.step()
-    assert most == 2 and all(s.finished == "length" for s in sequences)
+    run(batcher, sequences, stagger=False)  # checks the bound at every step
+    assert batcher.peak == 2 and all(s.finished == "length" for s in sequences)
 
 
 # -- the engine ---------------------------------------------------------------------------------------------
@@ -430,15 +424,9 @@ def test_a_sliding_window_model_is_answered_one_at_a_time_and_right(tmp_path, to
     generator = Generator(load_model(str(tmp_path)), "plain")
     prompts = [generator.prompt_ids([Message("user", q)]) for q in QUESTIONS[:3]]
     batcher = ContinuousBatcher(generator.loaded.model, stop_ids=generator.stop_ids)
-    most = 0
     sequences = [Sequence(p, 6) for p in prompts]
-    pending = list(sequences)
-    while pending or batcher.busy:
-        while pending and batcher.fits(pending[0]):
-            batcher.add(pending.pop(0))
-        most = max(most, len(batcher.sequences))
-        batcher.step()
-    assert most == 1 and not batcher.joinable
+    run(batcher, sequences, stagger=False)
+    assert batcher.peak == 1 and not batcher.joinable
     assert "answering one at a time" in caplog.text
     for question, sequence in zip(QUESTIONS[:3], sequences):
         expected = generator.generate_ids([[Message("user", question)]], GenerationOptions(max_new_tokens=6))[0]
