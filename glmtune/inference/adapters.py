@@ -39,8 +39,6 @@ class ServedModel:
     generator: Any  # glmtune.inference.generate.Generator over the shared model
     prompt_template: str | None = None
     route: Route = field(default_factory=lambda: BASE_ROUTE)
-    adapter_dir: str | None = None
-    method: str | None = None  # lora, qlora, ptuning; None for the base
 
 
 def parse_adapter_option(value: str) -> tuple[str | None, str]:
@@ -140,7 +138,7 @@ def load_served_models(model_name: str | None, adapters: list[tuple[str, str]], 
     for name, folder in folders:
         info = infos[name]
         served.append(ServedModel(name, generator(info), prompt_template_for(prompt_template, folder, base),
-                                  routes[name], str(folder), info["method"]))
+                                  routes[name]))
     return served
 
 

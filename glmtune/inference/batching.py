@@ -300,7 +300,6 @@ class ContinuousBatcher:
         self.joinable = _joinable(_new_cache(self.config))
         if not self.joinable:
             log.warning("this model's cache layers cannot be joined across requests; answering one at a time")
-        self.steps = 0
         # (route, head tokens) -> per-layer (keys, values) of the head, prefix included; a few entries at most
         self.heads: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.head_hits = 0
@@ -403,7 +402,6 @@ class ContinuousBatcher:
                 produced += decoded
                 for sequence, token in decoded:
                     emit(sequence, token)
-        self.steps += 1
         return produced, failures
 
     def _prefilled(self, sequences: list[Sequence], cache, columns: torch.Tensor | None,

@@ -307,7 +307,6 @@ class ChatEngine:
         # what a request that gives no options gets (max_new_tokens: a request that gives no length)
         self.generation = generation or GenerationOptions(max_new_tokens=512)
         self.max_queue = max_queue
-        self.tool_style = tool_style(self.generator)
         self._controls = control_pattern(self.tokenizer)
         model = self.generator.loaded.model
         self.batcher = ContinuousBatcher(model, stop_ids=self.generator.stop_ids, max_batch=max_batch,
@@ -327,6 +326,8 @@ class ChatEngine:
         # after that, the concurrent calls of prepare() only read the tokenizer.
         self.generator.prompt_ids([Message("user", "hi")])
         self._heads = {name: shared_head(served.generator) for name, served in self.models.items()}
+        self._styles = {name: tool_style(served.generator) for name, served in self.models.items()}
+        self.tool_style = self._styles[default.name]  # the first model's (tests and callers of one model read it)
 
     @property
     def model_names(self) -> list[str | None]:
@@ -346,9 +347,10 @@ class ChatEngine:
 
     def tools_unsupported(self, served: ServedModel | None = None) -> str | None:
         """Why this model cannot be given tools, or None where it can."""
-        generator = (served or self.models[next(iter(self.models))]).generator
-        if tool_style(generator) is not None:
+        served = served or next(iter(self.models.values()))
+        if self._styles[served.name] is not None:
             return None
+        generator = served.generator
         return (f"tools are supported for ChatGLM3 and GLM-4 models; this model's prompt format "
                 f"({generator.template_name}) has no tool-calling format")
 
@@ -357,7 +359,7 @@ class ChatEngine:
         (UnknownModel for a model name this server does not serve)."""
         served = self.served(request.model)
         generator = served.generator
-        style = tool_style(generator)
+        style = self._styles[served.name]
         if not request.messages:
             raise BadRequest("messages must hold at least one message", "messages")
         roles = ROLES if style else ROLES[:3]  # tool results only where tools can be called
@@ -567,7 +569,7 @@ class ChatEngine:
         return admitted
 
     def _begin(self, job: Job) -> None:
-        style = tool_style(job.served.generator)
+        style = self._styles[job.served.name]
         stop_ids = job.served.generator.stop_ids
         if job.tool_names is not None:
             job.answer = _ToolAnswer(self.tokenizer, stop_ids, job.request.stop, style, job.tool_names,
