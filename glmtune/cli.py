@@ -568,8 +568,9 @@ def _served_name(args) -> str:
     if getattr(args, "served_model_name", None):
         return args.served_model_name
     if args.adapter:
-        folder = PurePath(os.path.abspath(args.adapter))
-        return folder.parent.name if folder.name in ("adapter", "best") else folder.name
+        from glmtune.inference.adapters import run_name
+
+        return run_name(args.adapter)
     return PurePath(args.model).name if args.model else DEFAULT_MODEL
 
 

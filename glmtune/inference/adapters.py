@@ -12,7 +12,7 @@ and each keeps its own prompt format and prompt template.
 
 from __future__ import annotations
 
-import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -23,8 +23,6 @@ import torch
 from glmtune.errors import GlmtuneError
 from glmtune.inference.batching import BASE_ROUTE, Route
 from glmtune.inference.multi_lora import MultiLora
-
-log = logging.getLogger(__name__)
 
 BASE_NAME = "base"  # what clients call the bare base model when adapters are served beside it
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
@@ -55,14 +53,19 @@ def parse_adapter_option(value: str) -> tuple[str | None, str]:
     return name, folder
 
 
+def run_name(folder: str) -> str:
+    """What an adapter folder is called: its run's folder for OUT/adapter or OUT/best, else its own name."""
+    path = PurePath(os.path.abspath(folder))
+    return path.parent.name if path.name in ("adapter", "best") else path.name
+
+
 def adapter_names(values: list[str]) -> list[tuple[str, str]]:
     """(name, folder) for each --adapter; a bare folder is named after its run (OUT/adapter -> OUT's name)."""
     named, seen = [], set()
     for value in values:
         name, folder = parse_adapter_option(value)
         if name is None:
-            path = PurePath(folder.rstrip("/\\") or folder)
-            name = path.parent.name if path.name in ("adapter", "best") and path.parent.name else path.name
+            name = run_name(folder)
         if name == BASE_NAME:
             raise GlmtuneError(f"--adapter {value}: {BASE_NAME!r} is the bare base model's name; choose another")
         if name in seen:
