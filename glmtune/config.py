@@ -49,11 +49,15 @@ BEST_METRICS = ("eval_loss", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rou
                 "classification_accuracy", "classification_micro_f1")
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-           maximum: float | None = None, above: float | None = None, check: Any = None) -> Any:
-    """A dataclass field that documents itself and knows its valid range (`check(value, name)` raises
-    GlmtuneError for a value of the right type that still cannot work)."""
-    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above, "check": check}
+def option(default: Any, help: str, *, zh: str | None = None, choices: tuple | None = None,
+           minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+           check: Any = None) -> Any:
+    """A dataclass field that documents itself, in English (`help`) and Chinese (`zh`, kept as `help_zh`:
+    docs/training.zh.md's option tables and the web UI show it), and knows its valid range (`check(value,
+    name)` raises GlmtuneError for a value of the right type that still cannot work). Help texts are plain
+    text without a percent sign (argparse formats them)."""
+    meta = {"help": help, "help_zh": zh, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above,
+            "check": check}
     return field(default=default, metadata=meta)
 
 
@@ -71,27 +75,43 @@ def _check_prompt_template(value: str, source: str) -> None:
 
 @dataclass
 class ModelOptions:
-    model: str = option(DEFAULT_MODEL, "Local checkpoint folder, or the alias smollm2-135m (the embedded default model).")
+    model: str = option(DEFAULT_MODEL, "Local checkpoint folder, or the alias smollm2-135m (the embedded default model).",
+                        zh="本地 checkpoint 目录，或别名 smollm2-135m（内置的默认模型）。")
     template: str = option("auto", "Prompt format: auto (the family's format, else the tokenizer's chat template, "
                            "else plain), chat (the tokenizer's chat template), plain (prompt then answer), "
                            "and the ChatGLM families' own: chatglm ([Round i] history, answer after [gMASK] <sop>), "
                            "chatglm2 ([Round i] from 1), chatglm3 (role tokens), and glm4 (GLM-4's role tokens as its "
                            "official fine-tuning writes them, tools included; auto for GLM-4).",
+                           zh="提示格式：auto（模型族自己的格式，否则用 tokenizer 的 chat template，再否则用 "
+                              "plain）、chat（tokenizer 的 chat template）、plain（提示后直接接答案），以及 ChatGLM "
+                              "系列自己的格式：chatglm（[Round i] 历史，答案在 [gMASK] <sop> 之后）、"
+                              "chatglm2（[Round i] 从 1 开始）、chatglm3（角色 token）、glm4（GLM-4 "
+                              "官方微调写出的角色 token，包括工具；GLM-4 的 auto 即用它）。",
                            choices=TEMPLATE_NAMES)
     dtype: str = option("auto", "Weight dtype: auto is float32 on CPU, bfloat16 on a GPU that supports it, else float16.",
+                        zh="权重精度：auto 在 CPU 上是 float32，在支持 bf16 的 GPU 上是 bfloat16，否则是 float16。",
                         choices=("auto", "float32", "float16", "bfloat16"))
     quantization_bit: int | None = option(None, "Quantize the frozen base to 8 or 4 bits; 0 keeps full weights; "
                                           "default 4 for method qlora, else 0. Checkpoints stored quantized (e.g. "
                                           "chatglm-6b-int4, chatglm2-6b-int4) are read as they are.",
+                                          zh="把冻结的基座量化到 8 或 4 bit；0 保持全精度；method 为 qlora 时默认 "
+                                             "4，否则默认 0。以量化形式存储的 checkpoint（如 chatglm-6b-int4、"
+                                             "chatglm2-6b-int4）按原样读取。",
                                           choices=(0, 4, 8))
     quantization_backend: str = option("auto", "How the base is quantized: chatglm (ChatGLM-6B/2/3's own int8/int4 "
                                        "layout, runs anywhere), bitsandbytes (every family; QLoRA's NF4), auto "
                                        "(chatglm for ChatGLM-6B/2/3 except with method qlora, else bitsandbytes).",
+                                       zh="基座的量化方式：chatglm（ChatGLM-6B/2/3 自己的 int8/int4 格式，CPU/GPU "
+                                          "都能跑）、bitsandbytes（所有模型族；QLoRA 的 NF4）、auto（ChatGLM-6B/2/3 "
+                                          "用 chatglm，method 为 qlora 时除外；其他用 bitsandbytes）。",
                                        choices=("auto", "chatglm", "bitsandbytes"))
     quantization_type: str = option("nf4", "bitsandbytes 4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.",
+                                    zh="bitsandbytes 4-bit 的数据类型：nf4（QLoRA 的 NormalFloat）或 fp4。",
                                     choices=("nf4", "fp4"))
     double_quantization: bool = option(True, "bitsandbytes 4-bit: quantize the quantization scales too (QLoRA's "
-                                       "double quantization; saves about 0.4 bits per weight).")
+                                       "double quantization; saves about 0.4 bits per weight).",
+                                       zh="bitsandbytes 4-bit：对量化 scale 再做一次量化（QLoRA 的双重量化；"
+                                          "每个权重约省 0.4 bit）。")
 
 
 @dataclass
@@ -103,41 +123,80 @@ class DataOptions:
                                            "path (taken whole), path:N (N samples) or path:W with 0 < W < 1 (the "
                                            "file's share of the mix), e.g. [task.jsonl, general.jsonl:0.3] "
                                            "(docs/data.md#mixing-data-against-forgetting).",
+                                           zh="训练数据，JSON 或 JSONL（context/target、instruction/input/output、"
+                                              "history、conversations/messages，或由 prompt_column/response_column "
+                                              "指定的列）。多个文件会混合成一个按 seed 打乱的训练集：写成列表，或在 "
+                                              "--train-file 后给出多个值，每项为 path（整个文件）、path:N（N "
+                                              "个样本）或 path:W，0 < W < 1（该文件在混合集中所占的比例），例如 "
+                                              "[task.jsonl, general.jsonl:0.3]（docs/data.zh.md#混合数据以防遗忘）。",
                                            check=_check_train_file)
-    dev_file: str | None = option(None, "Development data in the same formats; evaluated for eval loss and the best adapter.")
-    prompt_column: str | None = option(None, "Read the prompt from this column (e.g. ADGEN's content).")
-    response_column: str | None = option(None, "Read the answer from this column (e.g. ADGEN's summary).")
+    dev_file: str | None = option(None, "Development data in the same formats; evaluated for eval loss and the best adapter.",
+                                  zh="验证数据，格式同上；用来计算 eval loss 和选出最佳 adapter。")
+    prompt_column: str | None = option(None, "Read the prompt from this column (e.g. ADGEN's content).",
+                                       zh="从这一列读取提示（例如 ADGEN 的 content）。")
+    response_column: str | None = option(None, "Read the answer from this column (e.g. ADGEN's summary).",
+                                         zh="从这一列读取答案（例如 ADGEN 的 summary）。")
     prompt_template: str | None = option(None, "Write each single-turn row's prompt from its fields, e.g. "
                                          "'问：{instruction}\\n补充信息：{input}\\n答：' ({{ and }} are literal braces); "
                                          "the adapter records it, and predict, eval, chat, serve and webui use it "
-                                         "(docs/data.md#prompt_template).", check=_check_prompt_template)
-    max_source_length: int | None = option(None, "Longest prompt in tokens (as in the ChatGLM tutorials); longer prompts are cut and counted.", minimum=1)
-    max_target_length: int | None = option(None, "Longest answer in tokens, its end token included; longer answers are cut and counted.", minimum=2)
-    cutoff_len: int = option(1024, "Longest whole sample in tokens; prompt and answer share it when both are long.", minimum=2)
-    max_train_samples: int | None = option(None, "Use only the first N training samples.", minimum=1)
-    max_eval_samples: int | None = option(None, "Use only the first N dev samples.", minimum=1)
+                                         "(docs/data.md#prompt_template).",
+                                         zh="用每个单轮样本的字段拼出它的提示，例如 '问：{instruction}\\n补充信息："
+                                            "{input}\\n答：'（{{ 和 }} 表示字面花括号）；adapter 会记录它，predict、"
+                                            "eval、chat、serve 和 webui 都会沿用（见"
+                                            " docs/data.zh.md#prompt_template）。", check=_check_prompt_template)
+    max_source_length: int | None = option(None, "Longest prompt in tokens (as in the ChatGLM tutorials); longer prompts are cut and counted.",
+                                           zh="提示最多多少 token（同 ChatGLM 教程）；更长的提示会被截断并计数。", minimum=1)
+    max_target_length: int | None = option(None, "Longest answer in tokens, its end token included; longer answers are cut and counted.",
+                                           zh="答案最多多少 token，含结束符；更长的答案会被截断并计数。", minimum=2)
+    cutoff_len: int = option(1024, "Longest whole sample in tokens; prompt and answer share it when both are long.",
+                             zh="整个样本最多多少 token；提示和答案都很长时两者分享这个长度。", minimum=2)
+    max_train_samples: int | None = option(None, "Use only the first N training samples.",
+                                           zh="只用前 N 条训练样本。", minimum=1)
+    max_eval_samples: int | None = option(None, "Use only the first N dev samples.",
+                                          zh="只用前 N 条验证样本。", minimum=1)
     group_by_length: bool = option(False, "Batch samples of similar length together: less padding, but batches and "
                                    "their order follow length (and so often task); on short runs that trained worse "
-                                   "(docs/benchmarks.md).")
+                                   "(docs/benchmarks.md).",
+                                   zh="把长度相近的样本放进同一个 batch：padding 更少，但 batch "
+                                      "及其顺序会跟着长度走（因而常常跟着任务类型走）；短训练中效果更差（见 "
+                                      "docs/benchmarks.md）。")
     padding_free: bool = option(True, "Put each step's batch_size samples (drawn in random order, as for padded "
                                 "batches) side by side in one sequence with no padding; attention and positions "
                                 "keep them apart, so the loss is that of the padded batch. Where a model cannot keep "
-                                "samples apart, batches are padded (said in the log).")
+                                "samples apart, batches are padded (said in the log).",
+                                zh="把每一步的 batch_size 个样本（与 padding 的 batch 一样随机抽取）"
+                                   "首尾相接放进一条序列，不加 padding；attention 和位置编号把它们分开，所以 loss "
+                                   "与 padding 后的 batch 相同。模型做不到把样本分开时改用 padding 的 "
+                                   "batch（日志会说明）。")
     packing: bool = option(False, "Pack several samples into each training sequence of up to cutoff_len tokens "
                            "(no compute on padding); attention stays inside each sample and positions restart, so "
-                           "the loss is unchanged. batch_size then counts packed sequences.")
+                           "the loss is unchanged. batch_size then counts packed sequences.",
+                           zh="把多个样本打包进每条最长 cutoff_len 个 token 的训练序列（padding 上不花算力）；"
+                              "attention 只在各样本内部进行，位置编号重新开始，所以 loss 不变。此时 batch_size "
+                              "数的是打包后的序列。")
     dataset_cache: bool = option(True, "Keep tokenized data in glmtune's cache (keyed by file content, tokenizer, "
-                                 "template and limits) so the next run skips tokenizing.")
+                                 "template and limits) so the next run skips tokenizing.",
+                                 zh="把分词后的数据存进 glmtune 的缓存（以文件内容、tokenizer、"
+                                    "模板和长度上限为键），下次运行跳过分词。")
     split_special_tokens: bool = option(False, "Tokenize training messages as plain text: a control token spelled "
                                         "in a message (a chat template's role markers, GLM's [gMASK] or <sop>) "
                                         "stays those characters, as in the prompts that serve, chat, webui, predict "
                                         "and eval build. Off, it becomes the control token, as Hugging Face chat "
                                         "templates and the official scripts tokenize it. Text that spells none is "
-                                        "tokenized the same either way (docs/serving.md).")
+                                        "tokenized the same either way (docs/serving.md).",
+                                        zh="把训练消息当作纯文本分词：消息里拼写出的控制 token（chat template "
+                                           "的角色标记、GLM 的 [gMASK] 或 <sop>）保持为这些字符，与 serve、chat、"
+                                           "webui、predict 和 eval 构造的提示一致。关闭时它会变成控制 token，与 "
+                                           "Hugging Face chat template 和官方脚本的分词方式一致。"
+                                           "不含这类字符串的文本两种方式结果相同（见 docs/serving.md）。")
     train_on: str = option("all_assistant", "Which answers of a conversation train: all_assistant (every assistant "
                            "message, tool calls included) or last_assistant (only the last; LLaMA-Factory's "
                            "mask_history: true). Earlier answers then stay as context. Tool results and the answers of "
                            "a single-turn row's history never train (docs/data.md#which-turns-train).",
+                           zh="对话中哪些答案参与训练：all_assistant（每条 assistant 消息，包括工具调用）或 "
+                              "last_assistant（只有最后一条；即 LLaMA-Factory 的 mask_history: true）。"
+                              "其余答案作为上下文。工具结果和单轮格式 history 里的回答从不参与训练（见 "
+                              "docs/data.md#which-turns-train）。",
                            choices=("all_assistant", "last_assistant"))
 
 
@@ -145,108 +204,195 @@ class DataOptions:
 class MethodOptions:
     method: str = option("lora", "Fine-tuning method: lora, qlora (LoRA over a 4-bit NF4 or 8-bit bitsandbytes "
                          "base), or ptuning (P-Tuning v2: a trained key/value prefix in every layer).",
+                         zh="微调方法：lora、qlora（在 bitsandbytes 的 4-bit NF4 或 8-bit 基座上做 LoRA）或 "
+                            "ptuning（P-Tuning v2：在每一层训练一段 key/value prefix）。",
                          choices=("lora", "qlora", "ptuning"))
-    lora_rank: int = option(16, "LoRA rank r.", minimum=1)
+    lora_rank: int = option(16, "LoRA rank r.",
+                            zh="LoRA 的秩 r。", minimum=1)
     lora_alpha: float | None = option(None, "LoRA alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) "
-                                      "with use_rslora). Default twice lora_rank.", above=0)
-    lora_dropout: float = option(0.0, "Dropout on the LoRA input.", minimum=0, maximum=0.99)
+                                      "with use_rslora). Default twice lora_rank.",
+                                      zh="LoRA alpha；更新量按 alpha / rank 缩放（打开 use_rslora 时按 alpha / "
+                                         "sqrt(rank)）。默认是 lora_rank 的两倍。", above=0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.",
+                                 zh="LoRA 输入上的 dropout。", minimum=0, maximum=0.99)
     lora_target: str = option("all-linear", "Modules to adapt: all-linear (every linear layer of the decoder), "
                               "auto (the family's official targets, e.g. query_key_value for ChatGLM, q_proj,v_proj "
-                              "for Llama-like models), or comma-separated names.")
+                              "for Llama-like models), or comma-separated names.",
+                              zh="要加 LoRA 的模块：all-linear（decoder 里所有线性层）、auto（模型族官方的目标模块，"
+                                 "例如 ChatGLM 的 query_key_value、类 Llama 模型的 q_proj,v_proj），"
+                                 "或逗号分隔的模块名。")
     use_rslora: bool | None = option(None, "rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / "
                                      "rank, so high ranks keep learning (peft's use_rslora). Default: on when "
                                      "lora_alpha is not set (it trained faster on the default model, "
-                                     "docs/training.md), off when it is, so a tutorial's alpha keeps its meaning.")
+                                     "docs/training.md), off when it is, so a tutorial's alpha keeps its meaning.",
+                                     zh="rsLoRA：更新量按 alpha / sqrt(rank) 缩放而不是 alpha / rank，"
+                                        "秩大时也能学得动（即 peft 的 use_rslora）。默认：没有设置 lora_alpha "
+                                        "时打开（它在默认模型上训得更快，见 docs/training.zh.md），设置了就关闭，"
+                                        "这样教程里的 alpha 保持原来的含义。")
     use_dora: bool = option(False, "DoRA: train each adapted weight's magnitude apart from its LoRA direction "
-                            "(peft's use_dora; slower steps, not over ChatGLM's own int8/int4 layout).")
+                            "(peft's use_dora; slower steps, not over ChatGLM's own int8/int4 layout).",
+                            zh="DoRA：把每个被适配权重的幅度与 LoRA 的方向分开训练（即 peft 的 use_dora；每步更慢，"
+                               "不支持 ChatGLM 自带的 int8/int4 量化格式）。")
     loraplus_lr_ratio: float | None = option(None, "LoRA+: train LoRA's B matrices at this multiple of "
                                              "learning_rate (the paper suggests 16); unset, A and B share it.",
+                                             zh="LoRA+：LoRA 的 B 矩阵用 learning_rate 的这个倍数训练（论文建议 "
+                                                "16）；不设置时 A 和 B 用同一个学习率。",
                                              minimum=1)
     lora_init: str = option("default", "How LoRA's matrices start: default (A random, B zero: the update starts at "
                             "zero), gaussian, pissa (A and B from the weight's principal singular vectors, fast "
                             "SVD with 16 iterations; the rest stays in the base), or olora (from a QR "
                             "decomposition). pissa and olora need an unquantized base; the saved adapter is "
                             "converted to apply to the original base.",
+                            zh="LoRA 矩阵的初始值：default（A 随机、B 为零：更新量从零开始）、gaussian、pissa（A 和 "
+                               "B 取自权重的主奇异向量，用 16 次迭代的快速 SVD；其余部分留在基座里）或 olora（来自 "
+                               "QR 分解）。pissa 和 olora 需要未量化的基座；保存的 adapter "
+                               "会被转换成可直接加在原始基座上的形式。",
                             choices=("default", "gaussian", "pissa", "olora"))
     pre_seq_len: int = option(64, "P-Tuning v2: prefix length in tokens (64 trained better than the official "
                               "tutorials' 128 on the default model, docs/training.md); given "
                               "without method, it selects method ptuning, as the official ptuning/ scripts do.",
+                              zh="P-Tuning v2：prefix 的长度（token 数；在默认模型上 64 比官方教程的 128 训得更好，"
+                                 "见 docs/training.zh.md）；没有给 method 时，它会选定 method ptuning，与官方 "
+                                 "ptuning/ 脚本一致。",
                               minimum=1)
     prefix_projection: bool = option(False, "P-Tuning v2: produce the prefix through a two-layer MLP (more parameters) "
-                                     "instead of training it directly.")
+                                     "instead of training it directly.",
+                                     zh="P-Tuning v2：通过一个两层 MLP 生成 prefix（参数更多），而不是直接训练 "
+                                        "prefix。")
     prefix_hidden_size: int | None = option(None, "P-Tuning v2: width of that MLP; default the model's hidden size.",
+                                            zh="P-Tuning v2：这个 MLP 的宽度；默认是模型的 hidden size。",
                                             minimum=1)
 
 
 @dataclass
 class TrainingOptions:
-    output_dir: str | None = option(None, "Where the run is written; default runs/train-<date>-<time>.")
-    overwrite: bool = option(False, "Replace the results of an earlier run in output_dir.")
-    resume: bool = option(False, "Continue from the newest checkpoint in output_dir.")
-    num_train_epochs: float = option(3.0, "Epochs to train (ignored when max_steps is set).", above=0)
-    max_steps: int | None = option(None, "Optimizer steps to train; overrides num_train_epochs.", minimum=1)
-    batch_size: int = option(4, "Training samples per device per step.", minimum=1)
-    eval_batch_size: int = option(8, "Samples per device per evaluation step.", minimum=1)
-    gradient_accumulation_steps: int = option(1, "Batches accumulated into one optimizer step.", minimum=1)
+    output_dir: str | None = option(None, "Where the run is written; default runs/train-<date>-<time>.",
+                                    zh="运行结果写到哪里；默认 runs/train-<日期>-<时间>。")
+    overwrite: bool = option(False, "Replace the results of an earlier run in output_dir.",
+                             zh="替换 output_dir 中之前一次运行的结果。")
+    resume: bool = option(False, "Continue from the newest checkpoint in output_dir.",
+                          zh="从 output_dir 中最新的 checkpoint 继续训练。")
+    num_train_epochs: float = option(3.0, "Epochs to train (ignored when max_steps is set).",
+                                     zh="训练多少个 epoch（设置了 max_steps 时忽略）。", above=0)
+    max_steps: int | None = option(None, "Optimizer steps to train; overrides num_train_epochs.",
+                                   zh="训练多少个优化器步；优先于 num_train_epochs。", minimum=1)
+    batch_size: int = option(4, "Training samples per device per step.",
+                             zh="每个设备每步的训练样本数。", minimum=1)
+    eval_batch_size: int = option(8, "Samples per device per evaluation step.",
+                                  zh="每个设备每个评测步的样本数。", minimum=1)
+    gradient_accumulation_steps: int = option(1, "Batches accumulated into one optimizer step.",
+                                              zh="累积多少个 batch 做一次优化器更新。", minimum=1)
     learning_rate: float | None = option(None, "Peak learning rate of the optimizer. Default by method and model "
                                          "size: P-Tuning v2 2e-2 (the official recipe); LoRA and QLoRA 2e-3 up to "
                                          "135M parameters, falling log-linearly to 2e-4 at 7B and 1e-4 from about "
-                                         "23B (docs/training.md#defaults).", above=0)
-    lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
+                                         "23B (docs/training.md#defaults).",
+                                         zh="优化器的峰值学习率。默认值取决于方法和模型大小：P-Tuning v2 为 "
+                                            "2e-2（官方配方）；LoRA 和 QLoRA 在 135M 参数及以下为 2e-3，"
+                                            "按对数线性降到 7B 时的 2e-4，约 23B 起为 1e-4（见 "
+                                            "docs/training.zh.md#默认值）。", above=0)
+    lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.",
+                               zh="warmup 之后的学习率调度。", choices=("linear", "cosine", "constant"))
     warmup_ratio: float | None = option(None, "Fraction of the steps spent warming the learning rate up from 0; "
-                                        "default 0.05, or 0 when warmup_steps is given.", minimum=0, maximum=1)
+                                        "default 0.05, or 0 when warmup_steps is given.",
+                                        zh="总步数中用于把学习率从 0 升上来的比例；默认 0.05，给了 warmup_steps "
+                                           "时为 0。", minimum=0, maximum=1)
     warmup_steps: int = option(0, "Steps spent warming the learning rate up from 0 (a count; give this or "
-                               "warmup_ratio, not both).", minimum=0)
+                               "warmup_ratio, not both).",
+                               zh="用于把学习率从 0 升上来的步数（绝对步数；与 warmup_ratio 二选一，不能同时给）。", minimum=0)
     optim: str = option("adamw_torch_fused", "Optimizer: adamw_torch_fused (AdamW in PyTorch's fused kernel, the "
                         "Trainer's own default), adamw_torch (the same AdamW, unfused: equal up to rounding), "
                         "adafactor (less memory: no full second moments), adamw_8bit or paged_adamw_8bit (AdamW with "
                         "8-bit states, through bitsandbytes; paged needs CUDA, elsewhere it runs unpaged).",
+                        zh="优化器：adamw_torch_fused（PyTorch 融合内核实现的 AdamW，也是 Trainer 自己的默认值）、"
+                           "adamw_torch（同样的 AdamW，不融合：结果只差舍入误差）、"
+                           "adafactor（更省内存：不保存完整的二阶矩）、adamw_8bit 或 paged_adamw_8bit（状态为 8-bit "
+                           "的 AdamW，通过 bitsandbytes；paged 需要 CUDA，其他情况下以非 paged 方式运行）。",
                         choices=("adamw_torch_fused", "adamw_torch", "adafactor", "adamw_8bit", "paged_adamw_8bit"))
-    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).", minimum=0)
-    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 turns clipping off).", minimum=0)
+    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and norm weights).",
+                                 zh="AdamW 的 weight decay（从不作用于 bias 和 norm 权重）。", minimum=0)
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 turns clipping off).",
+                                  zh="把梯度范数裁剪到这个值（0 表示不裁剪）。", minimum=0)
     nonfinite: str = option("skip", "A step whose loss or gradients are NaN or infinite: skip (drop its update, count "
-                            "it, go on) or stop (at once, keeping the last checkpoint).", choices=("skip", "stop"))
-    max_nonfinite_steps: int = option(10, "Stop when this many steps in a row were not finite.", minimum=1)
+                            "it, go on) or stop (at once, keeping the last checkpoint).",
+                            zh="loss 或梯度为 NaN / 无穷大的那一步：skip（丢弃这一步的更新，计数，继续训练）或 "
+                               "stop（立即停止，保留最后一个 checkpoint）。", choices=("skip", "stop"))
+    max_nonfinite_steps: int = option(10, "Stop when this many steps in a row were not finite.",
+                                      zh="连续这么多步不是有限值时停止训练。", minimum=1)
     neftune_noise_alpha: float | None = option(None, "NEFTune: add uniform noise to the input embeddings while "
                                                "training, scaled by alpha / sqrt(length x hidden size) with each "
                                                "sample's own length (the paper tries 5 to 15); unset, no noise.",
+                                               zh="NEFTune：训练时在输入 embedding 上加均匀噪声，幅度为 alpha / "
+                                                  "sqrt(长度 x hidden size)，长度按每个样本自己的长度算（论文试了 5 "
+                                                  "到 15）；不设置时不加噪声。",
                                                above=0)
-    seed: int = option(42, "Random seed for initialisation, shuffling and dropout.")
-    logging_steps: int = option(10, "Log loss, learning rate and speed every N steps.", minimum=1)
-    eval_steps: int = option(0, "Evaluate on dev_file every N steps (0: only at the end of each epoch).", minimum=0)
-    eval_each_epoch: bool = option(True, "Evaluate on dev_file at the end of each epoch.")
-    eval_on_start: bool = option(False, "Evaluate on dev_file once before training (the untrained baseline, logged at step 0).")
+    seed: int = option(42, "Random seed for initialisation, shuffling and dropout.",
+                       zh="初始化、打乱数据和 dropout 用的随机种子。")
+    logging_steps: int = option(10, "Log loss, learning rate and speed every N steps.",
+                                zh="每 N 步记录一次 loss、学习率和速度。", minimum=1)
+    eval_steps: int = option(0, "Evaluate on dev_file every N steps (0: only at the end of each epoch).",
+                             zh="每 N 步在 dev_file 上评测一次（0：只在每个 epoch 结束时评测）。", minimum=0)
+    eval_each_epoch: bool = option(True, "Evaluate on dev_file at the end of each epoch.",
+                                   zh="每个 epoch 结束时在 dev_file 上评测。")
+    eval_on_start: bool = option(False, "Evaluate on dev_file once before training (the untrained baseline, logged at step 0).",
+                                 zh="训练开始前先在 dev_file 上评测一次（未训练的基线，记为第 0 步）。")
     metric_for_best: str = option("eval_loss", "What picks OUT/best and drives early stopping: eval_loss, or a "
                                   "metric of answers generated for dev_file at each evaluation (docs/metrics.md).",
+                                  zh="用什么选出 OUT/best、决定是否提前停止：eval_loss，或每次评测时为 dev_file "
+                                     "生成的回答的某个指标（见 docs/metrics.md）。",
                                   choices=BEST_METRICS)
     early_stopping_patience: int = option(0, "Stop after this many evaluations without a better metric_for_best "
-                                          "(0: never stop early).", minimum=0)
+                                          "(0: never stop early).",
+                                          zh="连续这么多次评测 metric_for_best 都没有变好就停止（0：从不提前停止）。", minimum=0)
     eval_max_new_tokens: int = option(256, "Longest answer generated for dev_file when metric_for_best or "
-                                      "eval_generate needs answers.", minimum=1)
+                                      "eval_generate needs answers.",
+                                      zh="metric_for_best 或 eval_generate 需要生成回答时，为 dev_file "
+                                         "生成的回答的最大长度。", minimum=1)
     eval_generate: bool = option(False, "After training, answer dev_file with the base and the trained model and "
-                                 "write OUT/report.md (what `glmtune compare` does).")
+                                 "write OUT/report.md (what `glmtune compare` does).",
+                                 zh="训练结束后，分别用基座模型和训练后的模型回答 dev_file，并写出 "
+                                    "OUT/report.md（即 `glmtune compare` 做的事）。")
     save_strategy: str = option("steps", "When resumable checkpoints are written: steps (every save_steps, and at "
                                 "the end), epoch (at the end of each epoch), or no (never; OUT/adapter is still "
-                                "written, but the run cannot be resumed).", choices=("steps", "epoch", "no"))
-    save_steps: int = option(200, "Write a resumable checkpoint every N steps (one is also written at the end).", minimum=1)
-    save_total_limit: int = option(2, "Keep at most this many checkpoints.", minimum=1)
+                                "written, but the run cannot be resumed).",
+                                zh="什么时候写可恢复的 checkpoint：steps（每 save_steps 步一次，结束时再写一次）、"
+                                   "epoch（每个 epoch 结束时）或 no（从不写；OUT/adapter 照样会写，"
+                                   "但这次运行无法恢复）。", choices=("steps", "epoch", "no"))
+    save_steps: int = option(200, "Write a resumable checkpoint every N steps (one is also written at the end).",
+                             zh="每 N 步写一个可恢复的 checkpoint（结束时也会写一个）。", minimum=1)
+    save_total_limit: int = option(2, "Keep at most this many checkpoints.",
+                                   zh="最多保留这么多个 checkpoint。", minimum=1)
     precision: str = option("auto", "auto: fp32 on CPU, bf16 (else fp16) mixed precision on GPU.",
+                            zh="auto：CPU 上 fp32，GPU 上 bf16（不支持时 fp16）混合精度。",
                             choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool | None = option(None, "Recompute activations in the backward pass to save memory: "
                                                  "true on every layer (about a third more compute), false on none; "
                                                  "unset (auto), on as few layers as keep the worst step's estimated "
-                                                 "peak under memory_budget (the log says how many and why).")
+                                                 "peak under memory_budget (the log says how many and why).",
+                                                 zh="反向传播时重算激活值以节省内存：true 为每一层都重算（多约三分之"
+                                                    "一的计算量），false 为都不重算；不设置（auto）"
+                                                    "时只重算尽可能少的层，使最坏一步的估算峰值不超过 "
+                                                    "memory_budget（日志会说明重算几层以及原因）。")
     memory_budget: float | None = option(None, "GiB a training step may use, for gradient_checkpointing auto. "
                                          "Default: on a GPU its free memory minus 10 percent, on the CPU 6 GiB "
-                                         "or half the machine's memory, whichever is less.", above=0)
-    dataloader_num_workers: int = option(0, "Worker processes for batching.", minimum=0)
+                                         "or half the machine's memory, whichever is less.",
+                                         zh="gradient_checkpointing 为 auto 时，一个训练步可以使用的内存（GiB）。"
+                                            "默认：GPU 上为空闲显存减去百分之十的余量，CPU 上为 6 GiB "
+                                            "和机器内存一半中较小的那个。", above=0)
+    dataloader_num_workers: int = option(0, "Worker processes for batching.",
+                                         zh="组 batch 用的 worker 进程数。", minimum=0)
     report_to: str = option("none", "Also log to this backend (its package must be installed; tensorboard writes "
                             "OUT/runs/, pip install tensorboard).",
+                            zh="同时把日志发给这个后端（必须装了对应的包；tensorboard 写到 OUT/runs/，需 pip "
+                               "install tensorboard）。",
                             choices=("none", "tensorboard", "wandb", "mlflow"))
     deepspeed: str | None = option(None, "DeepSpeed config JSON for the Trainer's DeepSpeed integration, e.g. "
                                    "examples/deepspeed_zero2.json or examples/deepspeed_zero3_offload.json "
                                    "(needs pip install deepspeed and CUDA GPUs; launch with torchrun or --nproc; "
-                                   "docs/distributed.md).")
+                                   "docs/distributed.md).",
+                                   zh="给 Trainer 的 DeepSpeed 集成用的 DeepSpeed 配置 JSON，例如 "
+                                      "examples/deepspeed_zero2.json 或 examples/deepspeed_zero3_offload.json（需要 "
+                                      "pip install deepspeed 和 CUDA GPU；用 torchrun 或 --nproc 启动；见 "
+                                      "docs/distributed.md）。")
 
 
 @dataclass
@@ -456,9 +602,13 @@ def _load_yaml(text: str) -> ConfigValues | Any:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A flat mapping of option names to values from a YAML or JSON file (a ConfigValues for YAML)."""
     p = Path(path)
-    text = read_text(p, "config file")
+    return parse_config_text(read_text(p, "config file"), str(p), json_text=p.suffix == ".json")
+
+
+def parse_config_text(text: str, p: str, *, json_text: bool = False) -> dict[str, Any]:
+    """`read_config_file` for text that is not in a file (the studio's YAML box); `p` names it in messages."""
     try:
-        data = loads(text) if p.suffix == ".json" else _load_yaml(text)
+        data = loads(text) if json_text else _load_yaml(text)
     except json.JSONDecodeError as e:
         raise GlmtuneError(f"{p}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
     except NestingError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ DOCS = ROOT / "docs"
 PAIRS = sorted(p.with_suffix("").with_suffix("").name for p in DOCS.glob("*.zh.md"))
 # tools/make_option_table.py writes these sections of docs/training.md (English tables) up to the end
 GENERATED = ("## Option names from the tutorials\n", "## Options\n")
-CHINESE_OPTIONS = "\n## 选项\n"  # training.zh.md's translated option tables, checked against the code
+CHINESE_OPTIONS = "\n## 选项\n"  # training.zh.md's option tables, which the tool writes from the `zh` help texts
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
@@ -135,19 +136,39 @@ def test_a_guide_and_its_chinese_version_are_in_step(name):
         assert en == zh, f"{what} differ; translate what changed:\n" + difference(en_file, en, zh_file, zh)
 
 
-def test_the_chinese_option_tables_list_every_option_with_its_default():
-    """training.zh.md translates the generated tables by hand: every option of each group, with the default
-    the code has, so an option added to TrainConfig fails here until it has a Chinese row."""
+def _option_table_tool():
+    """tools/make_option_table.py as a module (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location("make_option_table", ROOT / "tools" / "make_option_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_option_has_its_help_in_chinese():
+    """Each option's Chinese help is part of its definition: docs/training.zh.md's tables and the web UI show it."""
+    for f in dataclasses.fields(TrainConfig):
+        zh = f.metadata.get("help_zh")
+        assert isinstance(zh, str) and zh.strip(), (
+            f"option {f.name} has no Chinese help: add zh=\"...\" to its option(...) in glmtune/config.py, then run "
+            "python tools/make_option_table.py --write")
+        for text in (f.metadata["help"], zh):  # argparse formats help with %; a | would split the table's row
+            assert "%" not in text and "|" not in text and "\n" not in text, f"{f.name}: {text!r}"
+
+
+def test_the_chinese_option_tables_are_what_the_tool_makes():
+    """docs/training.zh.md's option tables are generated from the code, like docs/training.md's: every option of
+    each group with its default and its Chinese help (`zh` in glmtune/config.py)."""
+    tool = _option_table_tool()
     chinese = read(DOCS / "training.zh.md")
+    assert CHINESE_OPTIONS in chinese, "docs/training.zh.md lost its option section (## 选项)"
+    assert tool.with_chinese_tables(chinese) == chinese, "run: python tools/make_option_table.py --write"
     tables = chinese[chinese.index(CHINESE_OPTIONS):]
     found = {}
     for block in re.split(r"^### ", tables, flags=re.M)[1:]:
         group = block.split("\n", 1)[0].strip()
-        found[group] = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", block, re.M))
+        found[group] = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \| ", block, re.M))
     expected = {group: {f.name: str(f.default) for f in fields} for group, fields in section_of(TrainConfig)}
-    assert found == expected, "add or fix the rows of docs/training.zh.md's option tables:\n" + "\n".join(
-        f"{group}: {name} default {default}" for group, rows in expected.items() for name, default in rows.items()
-        if found.get(group, {}).get(name) != default)
+    assert found == expected
 
 
 def _help(words: list[str]) -> str | None:
