@@ -102,6 +102,13 @@ def length_stats(samples: list[Sample], encoder: Encoder, limits: LengthLimits |
     return LengthStats(len(samples), describe(prompts), describe(answers), describe(totals), cut_at, suggestions)
 
 
+def stats_dict(stats: LengthStats) -> dict[str, Any]:
+    """The numbers as `glmtune data stats --json` prints them (plain values, suggestions as mappings)."""
+    data = asdict(stats)
+    data["suggestions"] = {k: asdict(v) for k, v in stats.suggestions.items()}
+    return data
+
+
 def format_stats(stats: LengthStats, title: str) -> str:
     w = max(8, len(str(stats.total["max"])) + 3)  # wide enough for a row of millions of tokens
     lines = [title, "", f"{'tokens':<10}{'max':>{w}}{'mean':>{w + 1}}{'median':>{w + 1}}{'p95':>{w}}{'p99':>{w}}"]
@@ -131,8 +138,6 @@ def file_stats(path: str, tokenizer: Callable[[], tuple[Any, str, set[int]]], *,
     prompt_format = get_template(template, loaded, family)
     stats = length_stats(samples, Encoder(loaded, prompt_format, stop_ids, train_on=train_on), limits)
     if as_json:
-        data = asdict(stats)
-        data["suggestions"] = {k: asdict(v) for k, v in stats.suggestions.items()}
-        return json.dumps(data, indent=2)
+        return json.dumps(stats_dict(stats), indent=2)
     return format_stats(stats, f"{path}: {stats.samples} samples, tokenizer of {model_name}, "
                                f"template {prompt_format.name}")

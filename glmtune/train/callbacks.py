@@ -1,11 +1,14 @@
 """What glmtune adds to the Trainer: a progress bar with speed and ETA, a JSONL log, evaluation at the end
-of each epoch, the best adapter by eval loss, and skipping steps that are not finite."""
+of each epoch, the best adapter by eval loss, skipping steps that are not finite, and a clean stop on
+request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -61,13 +64,17 @@ class ProgressBar(TrainerCallback):
 
 
 class JsonlLog(TrainerCallback):
-    """Appends every log (train loss, eval loss, speed) to train_log.jsonl with its step and time."""
+    """Appends every log (train loss, eval loss, speed) to train_log.jsonl with its step and time. At train
+    begin it writes `{"step", "max_steps", "time"}` (no loss), so a reader knows the planned total; a
+    resumed run writes it again at the checkpoint's step: the last one counts."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.path.exists() and state.global_step > 0:
+        if not state.is_world_process_zero:
+            return
+        if self.path.exists() and state.global_step > 0:
             # Resuming: forget entries from after the checkpoint, they will be logged again.
             kept = []
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -78,6 +85,9 @@ class JsonlLog(TrainerCallback):
                 if isinstance(entry, dict) and entry.get("step", 0) <= state.global_step:
                     kept.append(line)
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        entry = {"step": state.global_step, "max_steps": state.max_steps, "time": round(time.time(), 3)}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -212,3 +222,70 @@ class NonFiniteGuard(TrainerCallback):
                 del logs["loss"]
         self.window = [0, 0]
         return control
+
+
+class StopOnRequest(TrainerCallback):
+    """Ends training cleanly at the next step's end when OUT/stop_requested (run_folder.STOP_FILE) names this
+    run: with a checkpoint to --resume from (unless save_strategy is no), then the final adapter, metrics
+    and loss plot as at any end. glmtune studio writes the file for its Stop button.
+
+    The file holds a process group id (decimal): the run's own group (a run the studio starts leads a
+    session of its own), or its parent's (torchrun's launcher, --nproc, starts each rank in a session of
+    its own under the launcher). A file naming another group was left by an earlier process: it is ignored,
+    and the main process removes it at train begin. The ranks of a distributed run agree on the stop, so
+    they all end at the same step."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.groups: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.groups = own_process_groups()
+        if state.is_world_process_zero and self.path.exists() and not self._requested():
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # stale: meant for a process that is gone
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not _agreed(self._requested(), args):
+            return control
+        saving = getattr(args.save_strategy, "value", args.save_strategy) != "no"
+        control.should_save = control.should_save or saving
+        control.should_log = True  # the step it stops at is in train_log.jsonl
+        control.should_training_stop = True
+        if state.is_world_process_zero:
+            log.info("stopping at step %d as requested; %s", state.global_step, "continue with --resume" if saving
+                     else "save_strategy is no: there is no checkpoint to resume from")
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self._requested():
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # done with: a later --resume must not stop at once
+
+    def _requested(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read(32).decode("ascii", "replace").strip()
+        except OSError:  # none (the usual case), or unreadable
+            return False
+        return text.isdigit() and int(text) in self.groups
+
+
+def own_process_groups() -> set[int]:
+    """The process groups a stop request for this process may name: its own and its parent's."""
+    groups = {os.getpgid(0)}
+    with contextlib.suppress(OSError):
+        groups.add(os.getpgid(os.getppid()))
+    return groups
+
+
+def _agreed(flag: bool, args) -> bool:
+    """True in every process when it is True in any (a no-op outside a process group): a rank that reads
+    the stop file a moment before it is written must not train on alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([1 if flag else 0], device=args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

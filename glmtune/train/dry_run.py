@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from glmtune.config import TrainConfig, resolve, to_yaml
@@ -24,7 +24,7 @@ from glmtune.models.kbit import Quantization, check_bitsandbytes
 from glmtune.models.loader import (WEIGHT_PATTERNS, LoadedModel, default_device, known_token_ids, load_tokenizer,
                                    native_classes, read_model_config, resolve_dtype, stop_token_ids)
 from glmtune.train.memory import MemoryEstimate, estimate_training_memory
-from glmtune.train.recompute import worst_batch
+from glmtune.train.recompute import default_budget_gib, worst_batch
 from glmtune.train.size_defaults import with_size_defaults
 from glmtune.train.recipe import (check_report_to, length_limits, load_data, requested_quantization, resolved_config,
                                   training_arguments)
@@ -95,7 +95,7 @@ class DryRun:
         return "\n".join(lines) + "\n"
 
 
-def _stop_ids(tokenizer, family: str, path: Path) -> set[int]:
+def training_stop_ids(tokenizer, family: str, path: Path) -> set[int]:
     """The answer-ending tokens training encodes with (as load_model sets them up), without the weights."""
     generation_config = None
     if (path / "generation_config.json").is_file():
@@ -107,7 +107,7 @@ def _stop_ids(tokenizer, family: str, path: Path) -> set[int]:
     return ids
 
 
-def _empty_model(path: Path, family: str, dtype):
+def empty_model(path: Path, family: str, dtype):
     """The model with every tensor on the meta device: its shapes and parameter count, no memory."""
     from accelerate import init_empty_weights
 
@@ -232,7 +232,7 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
     if quantization.backend == "bitsandbytes":  # a 64x64 test layer: can this machine quantize at all?
         check_bitsandbytes(default_device(), family)
     template = get_template(cfg.template, tokenizer, family)
-    encoder = Encoder(tokenizer, template, _stop_ids(tokenizer, family, path),
+    encoder = Encoder(tokenizer, template, training_stop_ids(tokenizer, family, path),
                       split_special_tokens=cfg.split_special_tokens, train_on=cfg.train_on)
     limits = length_limits(cfg)
     summaries = []
@@ -253,7 +253,7 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
 
         sequences = len(pack_features(train_features, cfg.cutoff_len))
 
-    model = _empty_model(path, family, resolve_dtype(cfg.dtype, default_device()))
+    model = empty_model(path, family, resolve_dtype(cfg.dtype, default_device()))
     loaded = LoadedModel(model, tokenizer, family, path, cfg.model, quantization)
     cfg = with_size_defaults(cfg, args, model)
     # QLoRA's adapter is LoRA's; only the (here unbuilt) base differs, so the meta model takes plain LoRA
@@ -261,6 +261,8 @@ def dry_run(cfg: TrainConfig, processes: int = 1) -> DryRun:
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     total = sum(p.numel() for p in adapted.parameters())
     resolved = resolved_config(cfg, args, out, loaded, template.name, adapted)
+    if resolved.gradient_checkpointing is None and resolved.memory_budget is None:  # as training records it
+        resolved = replace(resolved, memory_budget=round(default_budget_gib(str(args.device))[0], 2))
 
     steps, epochs = _steps(cfg, sequences, processes)
     memory = _memory(cfg, adapted, train_features, quantization)

@@ -12,29 +12,35 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_loss(log_path: Path, png_path: Path, title: str = "glmtune training") -> Path | None:
-    """Writes the PNG and returns its path, or None when there is nothing to plot."""
-    entries = read_log(log_path)
+def loss_figure(entries: list[dict], title: str = "glmtune training", *, labels=("train loss", "eval loss")):
+    """A matplotlib Figure of train and eval loss against the step, or None when there is nothing to plot. Built
+    without pyplot's global state, so threads (the studio's page) can draw at the same time."""
     train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
     evals = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
     if not train and not evals:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+        ax.plot(*zip(*train), label=labels[0], color="tab:blue")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+        ax.plot(*zip(*evals), "o-", label=labels[1], color="tab:orange")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(log_path: Path, png_path: Path, title: str = "glmtune training") -> Path | None:
+    """Writes the PNG and returns its path, or None when there is nothing to plot."""
+    fig = loss_figure(read_log(log_path), title)
+    if fig is None:
+        return None
     fig.savefig(png_path)
-    plt.close(fig)
     return Path(png_path)

@@ -24,6 +24,10 @@ from glmtune.train.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
+# Written into a running run's folder (by glmtune studio) to end it cleanly at the next step: see
+# train/callbacks.py StopOnRequest for what it holds.
+STOP_FILE = "stop_requested"
+
 RUN_FILES = ("resolved_config.yaml", "train_log.jsonl", "loss.png", "metrics.json", "adapter", "best", "report.md",
              "base", "tuned", "data_mix.json")
 

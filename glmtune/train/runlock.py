@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
 from glmtune.files import path_error
 
 LOCK_FILE = ".glmtune.lock"
+# lock_holder() holds a folder's lock (shared) for a moment to look: a run taking the lock just then waits
+# that out instead of refusing.
+BUSY_TRIES, BUSY_WAIT_S = 10, 0.05
 
 
 class RunLock:
@@ -63,9 +67,7 @@ class RunLock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise path_error(path, e, "cannot lock output_dir") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_soon(fd):
                 holder = _holder(fd)
                 os.close(fd)
                 raise GlmtuneError(f"output_dir {self.folder} is in use by another glmtune train run"
@@ -99,6 +101,39 @@ class RunLock:
             with contextlib.suppress(OSError):
                 path.rmdir()  # only when empty: a run that wrote something keeps its folder
         self.created = []
+
+
+def _lock_soon(fd: int) -> bool:
+    """Take the exclusive lock, waiting out a holder that only looks (lock_holder); False if it stays held."""
+    for attempt in range(BUSY_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < BUSY_TRIES:
+                time.sleep(BUSY_WAIT_S)
+    return False
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The id of the process whose run holds `folder`'s lock (0 when held by a process that has not written
+    its id yet), or None when no run holds it. Creates nothing; takes a shared lock for a moment to look,
+    which a run starting just then waits out (see `_lock_soon`)."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None  # no lock file: no run holds it (a run removes it only while still holding it)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd) or 0
+        except OSError:
+            return None  # not a file flock works on: no run's lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _holder(fd: int) -> int | None:

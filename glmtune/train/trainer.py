@@ -26,13 +26,14 @@ from glmtune.methods.adapter import write_adapter_info
 from glmtune.models.loader import LoadedModel, fingerprint
 from glmtune.oom import reported
 from glmtune.train.callbacks import (EvaluateEachEpoch, JsonlLog, KeepBestAdapter, NonFiniteGuard, ProgressBar,
-                                     ResumedConfig)
+                                     ResumedConfig, StopOnRequest)
 from glmtune.train.checkpoints import complete_checkpoints, staged_folder
 from glmtune.train.distributed import gathered, is_main_process, parameter_count
 from glmtune.train.oom import training_oom_message
 from glmtune.train.peak_memory import PeakMemory
 from glmtune.train.plot import plot_loss
 from glmtune.train.recipe import Prepared, batching, build_trainer, prepare
+from glmtune.train.run_folder import STOP_FILE
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def _write_adapter(prepared: Prepared, trained_model, directory: Path, extra: di
 
 def _callbacks(prepared: Prepared, guard: NonFiniteGuard, progress: ProgressBar) -> list:
     cfg, out = prepared.cfg, prepared.out
-    callbacks = [guard, progress, JsonlLog(out / "train_log.jsonl")]  # guard first: it edits the logs
+    # guard first: it edits the logs
+    callbacks = [guard, progress, JsonlLog(out / "train_log.jsonl"), StopOnRequest(out / STOP_FILE)]
     if prepared.folder.resume_from:
         callbacks.append(ResumedConfig(out / "resolved_config.yaml", to_yaml(cfg)))
     if prepared.dev_features:
