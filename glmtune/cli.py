@@ -261,6 +261,19 @@ def _add_webui(commands) -> None:
     webui.set_defaults(func=_cmd_webui)
 
 
+def _add_studio(commands) -> None:
+    studio = commands.add_parser(
+        "studio", allow_abbrev=False, help="fine-tune from the browser (Gradio), in Chinese or English",
+        description="A page (Gradio) to fine-tune without the command line: inspect a model and data, set every "
+                    "training option (with the equivalent glmtune train command), start, watch, stop and resume runs "
+                    "(each its own process: closing the page does not stop it), read the before/after report, chat "
+                    "with the base and the tuned model side by side, and export. Ctrl-C stops the page, not the runs.")
+    _add_server_arguments(studio, 7860)
+    studio.add_argument("--runs-dir", default="runs",
+                        help="the folder the studio writes runs to and lists runs from (default: runs)")
+    studio.set_defaults(func=_cmd_studio)
+
+
 def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", allow_abbrev=False, help="merge a LoRA into its base, or export a P-Tuning prefix",
@@ -365,7 +378,7 @@ def _add_data(commands) -> None:
 
 
 COMMANDS = (_add_train, _add_predict, _add_eval, _add_compare, _add_metrics, _add_chat, _add_serve, _add_webui,
-            _add_export, _add_demo, _add_bench, _add_data)  # in the order --help lists them
+            _add_studio, _add_export, _add_demo, _add_bench, _add_data)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -652,24 +665,30 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_webui(args) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("gradio") is None:
-        raise GlmtuneError("glmtune webui needs Gradio, which is not installed: pip install 'glmtune[webui]' "
-                           "(make setup installs it)")
-    from glmtune.serve.network import is_loopback, listen, url
+    from glmtune.serve.gradio_page import page_port
+    from glmtune.serve.network import url
     from glmtune.serve.webui import launch
 
-    if not is_loopback(args.host):
-        log.warning("listening on %s: anyone who can reach this machine can use the chat page", args.host)
-    sock = listen(args.host, args.port)
-    port = sock.getsockname()[1]
-    sock.close()  # Gradio binds the port itself; held until here so a taken port fails before loading
+    port = page_port("webui", args.host, args.port, "use the chat page")  # a taken port fails before loading
     engine, name = _serving_engine(args)
     launch(engine, host=args.host, port=port, title=name, system=args.system,
            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
            repetition_penalty=args.repetition_penalty,
            announce=lambda: print(f"glmtune: chat page at {url(args.host, port)} (Ctrl-C stops)", flush=True))
+    return 0
+
+
+def _cmd_studio(args) -> int:
+    from glmtune.files import check_output_folder
+    from glmtune.serve.gradio_page import page_port
+    from glmtune.serve.network import url
+    from glmtune.studio.app import launch
+
+    check_output_folder(Path(args.runs_dir), option="--runs-dir")
+    port = page_port("studio", args.host, args.port, "train and run models here")
+    launch(args.runs_dir, host=args.host, port=port,
+           announce=lambda: print(f"glmtune: studio at {url(args.host, port)} (runs in {args.runs_dir}; Ctrl-C stops "
+                                  "the page, not the runs)", flush=True))
     return 0
 
 

@@ -426,3 +426,38 @@ def bitsandbytes_cpu_path(request, monkeypatch):
                                   "installs it)")
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: request.param == "avx512_bf16")
     return request.param
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real browser (the web UI's and the studio's browser tests)
+
+@pytest.fixture
+def browser_paths() -> tuple[str, str]:
+    """(chromium, chromedriver), or a skip saying what is missing."""
+    pytest.importorskip("selenium", reason="selenium is not installed")
+
+    def first(*candidates):
+        return next((p for p in candidates if p and os.path.exists(p)), None)
+
+    chromium = first(shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+    driver = first(shutil.which("chromedriver"), "/usr/bin/chromedriver")
+    if not chromium or not driver:
+        pytest.skip(f"a real-browser test needs chromium and chromedriver; found {chromium or 'no chromium'}, "
+                    f"{driver or 'no chromedriver'}")
+    return chromium, driver
+
+
+def headless_chrome(paths: tuple[str, str], profile, size: str = "1200,900"):
+    """A headless Chromium driven by selenium, with a fresh profile and nothing that reaches the network."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, chromedriver = paths
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-quic", "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--disable-default-apps",
+                     f"--user-data-dir={profile}", f"--window-size={size}"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)

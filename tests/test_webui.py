@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -152,22 +150,6 @@ def test_sliders_follow_the_engine_and_the_options():
 
 
 @pytest.fixture
-def browser_paths() -> tuple[str, str]:
-    """(chromium, chromedriver), or a skip saying what is missing."""
-    pytest.importorskip("selenium", reason="selenium is not installed")
-
-    def first(*candidates):
-        return next((p for p in candidates if p and os.path.exists(p)), None)
-
-    chromium = first(shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-    driver = first(shutil.which("chromedriver"), "/usr/bin/chromedriver")
-    if not chromium or not driver:
-        pytest.skip(f"a real-browser test needs chromium and chromedriver; found {chromium or 'no chromium'}, "
-                    f"{driver or 'no chromedriver'}")
-    return chromium, driver
-
-
-@pytest.fixture
 def webui_url(browser_paths, glmtune_running):
     """Starts `glmtune webui` on a free port (after the browser checks, so a skip costs nothing); yields its
     URL; always stops it."""
@@ -182,10 +164,8 @@ def _normalise(text: str) -> str:
 
 @pytest.mark.slow
 def test_webui_in_a_real_browser(tmp_path, browser_paths, webui_url):
-    chromium, chromedriver = browser_paths
-    from selenium import webdriver
+    from conftest import headless_chrome
     from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -201,14 +181,7 @@ def test_webui_in_a_real_browser(tmp_path, browser_paths, webui_url):
                                                                   GenerationOptions(max_new_tokens=24))[0]
         assert expected.strip()
 
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         "--disable-quic", "--no-first-run", "--disable-background-networking",
-                         "--disable-component-update", "--disable-sync", "--disable-default-apps",
-                         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):
-            options.add_argument(argument)
-        driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+        driver = headless_chrome(browser_paths, tmp_path / "profile")
         driver.get(webui_url)
         wait = WebDriverWait(driver, 30, poll_frequency=0.2)
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#message textarea"))

@@ -8,7 +8,6 @@ telemetry off; no share link is ever made, so nothing leaves this machine.
 """
 
 import os
-import signal
 import threading
 from collections.abc import Callable, Iterator
 
@@ -16,6 +15,7 @@ from glmtune.config import GenerationOptions
 from glmtune.data.formats import Message
 from glmtune.errors import GlmtuneError
 from glmtune.serve.engine import ChatRequest, Failed
+from glmtune.serve.gradio_page import serve_page
 
 DEFAULT_LONGEST = 4096  # max-new-tokens slider's end when the model's context length is unknown
 
@@ -153,28 +153,10 @@ def launch(engine, *, host: str, port: int, title: str, system: str | None = Non
     """Serves the page until Ctrl-C or SIGTERM, then stops any answer in progress and closes the engine."""
     demo, chat = _build(engine, title=title, system=system, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
-    # Gradio checks its own URL over HTTP before serving; a proxy from the environment must not get that.
-    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY") or os.environ.get("no_proxy"),
-                                      "localhost,127.0.0.1,::1", host]))
-    os.environ["NO_PROXY"] = os.environ["no_proxy"] = no_proxy
-    done = threading.Event()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: done.set()) if in_main else None
     try:
-        demo.queue(default_concurrency_limit=1)  # the engine answers one at a time anyway; Gradio shows the queue
-        # run_history=False: Gradio would otherwise keep every chat in the browser and offer to upload it.
-        demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
-                    prevent_thread_lock=True, enable_monitoring=False, ssr_mode=False, mcp_server=False, pwa=False,
-                    run_history=False)
-        if announce is not None:
-            announce()
-        while not done.wait(0.5):  # a timed wait lets Ctrl-C (KeyboardInterrupt) through at once
-            pass
-    except KeyboardInterrupt:
-        pass
+        # Gradio's queue hands the engine one answer at a time and shows the others waiting. run_history=False:
+        # Gradio would otherwise keep every chat in the browser and offer to upload it.
+        serve_page(demo, host=host, port=port, concurrency=1, announce=announce, run_history=False)
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         chat.stop_all()
-        demo.close()
         engine.close()

@@ -27,6 +27,9 @@ def loss_figure(entries: list[dict], title: str = "glmtune training", *, labels=
         ax.plot(*zip(*train), label=labels[0], color="tab:blue")
     if evals:
         ax.plot(*zip(*evals), "o-", label=labels[1], color="tab:orange")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if title:

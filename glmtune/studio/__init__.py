@@ -1,0 +1,1 @@
+"""`glmtune studio`: fine-tuning from the browser."""
