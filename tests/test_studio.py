@@ -282,3 +282,14 @@ def test_model_and_data_facts_in_both_languages(tmp_path):
         assert "cutoff_len=1024: 0" in cuts
         assert "400" in summary and [row[0] for row in lengths] == ["prompt", "answer", "total"]
         assert f">{line}<" in preview and '<mark class="trained">' in preview
+
+
+def test_a_bad_run_name_is_explained_in_the_users_language(tmp_path):
+    from glmtune.studio.actions import Studio
+
+    studio = Studio(tmp_path / "runs")
+    values = {f.name: f.empty() for f in studio.fields}
+    with pytest.raises(GlmtuneError, match="不是一个普通的目录名"):
+        studio.start(values, "../x", "zh")
+    with pytest.raises(GlmtuneError, match="not a plain folder name"):
+        studio.command(values, "a/b", "en")

@@ -65,14 +65,14 @@ class Studio:
         form.config_of(options)
         return options
 
-    def command(self, values: dict[str, Any], name: str = "") -> tuple[str, str]:
+    def command(self, values: dict[str, Any], name: str = "", lang: str = "en") -> tuple[str, str]:
         """(the equivalent `glmtune train` command, the options as YAML)."""
         import shlex
 
         options = self.options(values)
         config = form.config_of(options)
         words = form.command_words(config)
-        folder = self.runs.runs_dir / (check_run_name(name.strip()) if name.strip() else "NAME")
+        folder = self.runs.runs_dir / (_run_name(name, lang) if name.strip() else "NAME")
         typed = {key: getattr(config, key) for key in options}  # as the config holds them: 3, not "3"
         return shlex.join(["glmtune", "train", *words, "--output-dir", str(folder)]), form.yaml_text(typed)
 
@@ -158,10 +158,10 @@ class Studio:
 
     # -- runs --------------------------------------------------------------------------------------------
 
-    def start(self, values: dict[str, Any], name: str) -> str:
+    def start(self, values: dict[str, Any], name: str, lang: str = "en") -> str:
         options = self.options(values)
         words = form.command_words(form.config_of(options))
-        name = check_run_name(name.strip()) if name and name.strip() else f"studio-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = _run_name(name, lang) if name and name.strip() else f"studio-{time.strftime('%Y%m%d-%H%M%S')}"
         self.runs.start(name, words)
         return name
 
@@ -312,6 +312,14 @@ class Studio:
                       if line.startswith("glmtune: error:")]
             raise GlmtuneError("\n".join(errors) or (done.stderr.strip().splitlines() or ["failed"])[-1])
         return done.stdout.strip()
+
+
+def _run_name(name: str, lang: str) -> str:
+    """The run's name as typed (stripped), if it is one plain folder name; else why not, in `lang`."""
+    try:
+        return check_run_name(name.strip())
+    except GlmtuneError:
+        raise GlmtuneError(text("bad_run_name", lang, name=name.strip()[:60] or "''")) from None
 
 
 def _given_names(config) -> list[str]:

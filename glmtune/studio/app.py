@@ -280,7 +280,7 @@ def build(studio: Studio):
 
         def on_show_command(lang, name, *args):
             try:
-                shown, yaml_text = studio.command(values_of(args), name or "")
+                shown, yaml_text = studio.command(values_of(args), name or "", lang)
                 saved = studio.save_yaml(values_of(args))
             except Exception as e:  # shown in the page (see _error)
                 return _error(e, lang), gr.skip(), gr.skip(), gr.skip()
@@ -334,7 +334,7 @@ def build(studio: Studio):
 
         def on_start(lang, name, *args):
             try:
-                started = studio.start(values_of(args), name or "")
+                started = studio.start(values_of(args), name or "", lang)
             except Exception as e:  # shown in the page (see _error)
                 return (_error(e, lang), *runs_view(None, lang))
             return (text("started", lang, name=html.escape(started)), *runs_view(started, lang))

@@ -83,6 +83,9 @@ TEXTS: dict[str, tuple[str, str]] = {
     "run_name": ("Run name", "训练名称"),
     "run_name_info": ("The run is written to {runs}/NAME; empty: a name from the date and time.",
                       "训练写到 {runs}/名称；留空则按日期时间命名。"),
+    "bad_run_name": ("run name {name} is not a plain folder name: use letters, digits, '-', '_' and '.', not "
+                     "starting with '.', at most 100 characters",
+                     "训练名称 {name} 不是一个普通的目录名：只能用字母、数字、“-”、“_”和“.”，不能以“.”开头，最多 100 个字符"),
     "start": ("Start training", "开始训练"),
     "stop": ("Stop", "停止"),
     "resume": ("Resume", "继续"),
@@ -137,7 +140,8 @@ TEXTS: dict[str, tuple[str, str]] = {
     "export": ("Export", "导出"),
     "no_adapter": ("{name} has no adapter yet.", "{name} 还没有 adapter。"),
     # errors
-    "error": ("⚠️ {message}", "⚠️ {message}"),
+    # glmtune's own checks word their messages in English: the Chinese page says what happened first
+    "error": ("⚠️ {message}", "⚠️ 出错了：{message}"),
     "unexpected": ("unexpected error (the studio's output has the details): {message}",
                    "意外错误（详情见 studio 的输出）：{message}"),
     "working": ("Working…", "处理中…"),
