@@ -114,10 +114,18 @@ def test_studio_in_a_real_browser(tmp_path, browser_paths, studio_url, artifacts
         type_into("option-max_steps", "0")  # a mistake first: one readable message in the page
         element("#show-command").click()
         wait(lambda d: "max_steps must be at least 1" in text_of("options-message"))
-        type_into("option-max_steps", "3")
-        type_into("option-logging_steps", "1")
+        # the rest from a config file, opened through the page: it lands inside the runs folder, and the
+        # options the studio owns (output_dir) are ignored with a word
+        config = tmp_path / "short.yaml"
+        config.write_text("logging_steps: 1\nmax_eval_samples: 8\noutput_dir: /tmp/elsewhere\n", encoding="utf-8")
+        element("input[type='file'][accept*='.yaml']").send_keys(str(config))  # Open a YAML file's input
+        wait(lambda d: "Loaded 2 options" in text_of("options-message") and "output_dir" in text_of("options-message"))
+        assert list((tmp_path / "runs" / ".studio" / "gradio").rglob("short.yaml")), "uploads stay in the runs folder"
         element("#section-data .label-wrap").click()  # the data options' accordion starts closed
-        type_into("option-max_eval_samples", "8")
+        assert box("option-max_eval_samples").get_attribute("value") == "8"
+        assert box("option-max_steps").get_attribute("value") == "", "an option the file does not name: its default"
+        assert box("option-train_file").get_attribute("value").endswith("train.jsonl"), "the data stays"
+        type_into("option-max_steps", "3")
         element("#show-command").click()
         wait(lambda d: "--max-steps 3" in box("command").get_attribute("value"))
         shown_command = box("command").get_attribute("value")
@@ -193,6 +201,8 @@ def test_studio_in_a_real_browser(tmp_path, browser_paths, studio_url, artifacts
         wait(lambda d: "已完成" in text_of("progress"), 30)
         shot("chinese-runs", top="#run")
     except BaseException:
+        print("PAGE MESSAGES:", [(i, e.text) for i in ("options-message", "runs-message", "progress")
+                                 for e in driver.find_elements(By.ID, i)])
         driver.save_screenshot(str(artifacts / "failure.png"))  # the page as it was when the test failed
         raise
     finally:
