@@ -145,19 +145,21 @@ def test_the_parts_react_as_they_should(steps, tiny_model_dir):
     assert double.estimate.parts["weights"] == plain.estimate.parts["weights"]
 
 
-def test_weights_are_counted_from_the_dtype_and_the_quantization(tiny_family_dir):
-    """A meta model in fp32 asked to estimate bf16 and int4 gives the bytes the real models hold."""
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_weights_are_counted_from_the_dtype_and_the_quantization(tiny_family_dir, method):
+    """A meta model in fp32 asked to estimate bf16 and int4 gives the bytes the real models hold (under LoRA
+    too, whose wrappers rename each adapted layer <name>.base_layer)."""
     from glmtune.models.loader import load_model
 
     folder = tiny_family_dir("chatglm3")
-    options = TrainConfig(model=str(folder), method="ptuning", pre_seq_len=16)
+    options = TrainConfig(model=str(folder), method=method, pre_seq_len=16)
     for bits in (0, 4, 8):
         real = load_model(str(folder), quantization=bits)
-        real_model = get_method("ptuning").apply(real.model, options, real.family)
+        real_model = get_method(method).apply(real.model, options, real.family)
         trained = sum(p.numel() * p.element_size() for p in real_model.parameters() if p.requires_grad)
         with torch.device("meta"):
             meta = type(real.model)(real.model.config.__class__.from_pretrained(folder))
-        meta = get_method("ptuning").apply(meta, options, real.family)
+        meta = get_method(method).apply(meta, options, real.family)
         asked = Quantization(bits=bits, backend="chatglm") if bits else Quantization()
         for model in (real_model, meta):
             estimate = estimate_training_memory(model, batch_size=1, seq_len=8, labelled=1, dtype=torch.float32,

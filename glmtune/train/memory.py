@@ -171,7 +171,9 @@ def _linear_names(base, shape: ModelShape, quantization: Quantization) -> set[st
             continue
         if "lora_" in name:
             continue
-        if quantization.backend == "chatglm" and name.rsplit(".", 1)[-1] not in CHATGLM_QUANTIZED_NAMES:
+        # under LoRA the layer is `<name>.base_layer`: the name that says whether ChatGLM quantizes it is <name>'s
+        if (quantization.backend == "chatglm"
+                and name.removesuffix(".base_layer").rsplit(".", 1)[-1] not in CHATGLM_QUANTIZED_NAMES):
             continue
         found.add(name)
     return found
