@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glmtune.config import DEFAULT_MODEL
 from glmtune.errors import GlmtuneError
 from glmtune.studio import form
 from glmtune.studio.presets import PRESETS, USER_OWNED
@@ -40,6 +41,7 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 def human_size(count: int) -> str:
+    """A parameter count as people write it: 134.52M, 6.24B."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= scale:
             return f"{count / scale:.2f}{unit}".replace(".00", "")
@@ -60,21 +62,20 @@ class Studio:
     # -- options -----------------------------------------------------------------------------------------
 
     def options(self, values: dict[str, Any]) -> dict[str, Any]:
-        """The options the form sets, checked as `glmtune train` checks them."""
+        """The options the form sets, checked as `glmtune train` checks them, with the values the config holds
+        (3, not the "3" a text box gave)."""
         options = form.given_options(values, self.fields)
-        form.config_of(options)
-        return options
+        config = form.config_of(options)
+        return {key: getattr(config, key) for key in options}
 
     def command(self, values: dict[str, Any], name: str = "", lang: str = "en") -> tuple[str, str]:
         """(the equivalent `glmtune train` command, the options as YAML)."""
         import shlex
 
         options = self.options(values)
-        config = form.config_of(options)
-        words = form.command_words(config)
+        words = form.command_words(form.config_of(options))
         folder = self.runs.runs_dir / (_run_name(name, lang) if name.strip() else "NAME")
-        typed = {key: getattr(config, key) for key in options}  # as the config holds them: 3, not "3"
-        return shlex.join(["glmtune", "train", *words, "--output-dir", str(folder)]), form.yaml_text(typed)
+        return shlex.join(["glmtune", "train", *words, "--output-dir", str(folder)]), form.yaml_text(options)
 
     def load_yaml(self, source: str, text_value: str) -> tuple[dict[str, Any], list[str]]:
         """(form values from a config's text, the options in it that the studio sets itself and so ignored:
@@ -95,8 +96,8 @@ class Studio:
         return {**fresh, **kept}
 
     def save_yaml(self, values: dict[str, Any]) -> Path:
-        config = form.config_of(self.options(values))
-        options = {key: getattr(config, key) for key in self.options(values)}
+        """The options as a YAML file in RUNS/.studio/configs (the page offers it as a download)."""
+        options = self.options(values)
         folder = self.runs_dir / STUDIO_FOLDER / "configs"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
@@ -108,7 +109,7 @@ class Studio:
     def describe_model(self, name: str, lang: str) -> tuple[str, list[list[str]]]:
         from glmtune.studio.inspect_model import describe_model
 
-        facts = describe_model((name or "").strip() or "smollm2-135m")
+        facts = describe_model((name or "").strip() or DEFAULT_MODEL)
         stored = text("stored_quantized", lang, bits=facts.stored_quantization) if facts.stored_quantization else ""
         summary = text("model_facts", lang, name=html.escape(facts.name), family=facts.family,
                        size=human_size(facts.parameters), context=facts.context_length or text("unknown", lang),
@@ -131,12 +132,12 @@ class Studio:
         from glmtune.data.preprocess import LengthLimits
         from glmtune.studio.inspect_data import inspect_data, preview_html
 
-        options = self.options(values)
-        config = form.config_of(options)
-        train_file = config.train_file
-        if not train_file:
+        from glmtune.data.mixing import train_paths
+
+        config = form.config_of(self.options(values))
+        if not config.train_file:
             raise GlmtuneError(text("no_train_file", lang))
-        path = train_file if isinstance(train_file, str) else str(train_file[0]).rsplit(":", 1)[0]
+        path = train_paths(config.train_file)[0]  # of a mix, the first file
         limits = LengthLimits(config.max_source_length, config.max_target_length, config.cutoff_len)
         facts = inspect_data(path, config.model, template=config.template, limits=limits,
                              prompt_column=config.prompt_column, response_column=config.response_column,

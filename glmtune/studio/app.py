@@ -295,7 +295,7 @@ def build(studio: Studio):
                 named = form.given_options(values, fields)
             except Exception as e:  # shown in the page (see _error)
                 return [_error(e, lang), *[gr.skip()] * len(names)]
-            message = text("yaml_loaded", lang, count=len(form.given_options(values, fields)))
+            message = text("yaml_loaded", lang, count=len(named))
             values = {name: value for name, value in values.items()  # the model and data stay unless it names them
                       if name not in USER_OWNED or name in named}
             if ignored:
@@ -309,7 +309,10 @@ def build(studio: Studio):
             if upload is None:
                 return [gr.skip()] * (len(names) + 2)
             path = Path(upload if isinstance(upload, str) else upload.name)
-            content = path.read_text(encoding="utf-8", errors="replace")
+            try:
+                content = path.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                return [_error(e, lang), *[gr.skip()] * (len(names) + 1)]
             return [*loaded(lang, path.name, content), content]
 
         open_yaml.upload(on_open_yaml, [language, open_yaml], [options_message, *inputs, yaml_box])
