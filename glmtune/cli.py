@@ -17,7 +17,7 @@ from pathlib import Path
 from glmtune import __version__
 from glmtune.config import (DEFAULT_MODEL, TrainConfig, add_arguments, add_generation_arguments, config_from_args,
                             generation_from_args, number_type)
-from glmtune.errors import GlmtuneError
+from glmtune.errors import ERROR_PREFIX, GlmtuneError
 from glmtune.families import TEMPLATE_NAMES
 
 log = logging.getLogger("glmtune")
@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             e = (path_error(e.filename, e) if e.filename
                  else GlmtuneError("a file name is too long for the file system"))
         rank = os.environ.get("RANK", "0")  # under torchrun every process checks, and may say so
-        prefix = f"glmtune: error: {'' if rank in ('', '0') else f'(rank {rank}) '}"
+        prefix = f"{ERROR_PREFIX}{'' if rank in ('', '0') else f'(rank {rank}) '}"
         # Every line of a message that lists several problems starts with the prefix, the last one too.
         print("\n".join(prefix + line for line in str(e).splitlines() or [""]), file=sys.stderr)
         return 2

@@ -5,6 +5,10 @@ and keeps its traceback.
 """
 
 
+# How the CLI starts each line of such a message (the studio reads it back from a run's output)
+ERROR_PREFIX = "glmtune: error: "
+
+
 class GlmtuneError(Exception):
     """A problem the user caused and can fix; the message says what to do."""
 

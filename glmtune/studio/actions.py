@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.config import DEFAULT_MODEL
-from glmtune.errors import GlmtuneError
+from glmtune.errors import ERROR_PREFIX, GlmtuneError
 from glmtune.studio import form
 from glmtune.studio.presets import PRESETS, USER_OWNED
 from glmtune.studio.runs import RunManager, check_run_name
@@ -309,8 +309,8 @@ class Studio:
         done = subprocess.run([sys.executable, "-m", "glmtune", *words], stdin=subprocess.DEVNULL,
                               capture_output=True, text=True)
         if done.returncode != 0:
-            errors = [line.removeprefix("glmtune: error: ") for line in done.stderr.splitlines()
-                      if line.startswith("glmtune: error:")]
+            errors = [line.removeprefix(ERROR_PREFIX) for line in done.stderr.splitlines()
+                      if line.startswith(ERROR_PREFIX)]
             raise GlmtuneError("\n".join(errors) or (done.stderr.strip().splitlines() or ["failed"])[-1])
         return done.stdout.strip()
 

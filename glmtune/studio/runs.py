@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmtune.errors import GlmtuneError, shown
+from glmtune.errors import ERROR_PREFIX, GlmtuneError, shown
 from glmtune.files import path_error, process_alive, write_text
 from glmtune.train.checkpoints import complete_checkpoints
 from glmtune.train.run_folder import STOP_FILE
@@ -38,7 +38,6 @@ from glmtune.train.runlock import lock_holder
 STUDIO_FILE = "studio.json"
 LOG_FILE = "studio.log"
 MARK = "=== glmtune studio: "  # starts the line written into studio.log before each start and resume
-ERROR_PREFIX = "glmtune: error: "
 NAME_LIMIT = 100
 # Options the manager sets itself (in the spellings train accepts: --x-y, --x_y, --no-x, x=..., tutorials').
 OWNED_OPTIONS = ("output_dir", "resume", "overwrite", "overwrite_output_dir", "resume_from_checkpoint")
