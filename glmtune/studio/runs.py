@@ -82,7 +82,7 @@ class RunManager:
         self.runs_dir = Path(runs_dir).absolute()
         self._children: dict[int, subprocess.Popen] = {}  # only to reap them: status never depends on these
         self._guard = threading.Lock()  # one start or resume at a time (the page may call from several threads)
-        self._log_cache: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._file_cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}  # see _read_once
 
     # -- actions -------------------------------------------------------------------------------------------
 
@@ -296,7 +296,7 @@ class RunManager:
         if isinstance(metrics, dict) and _is_int(metrics.get("global_step")):
             step = max(step, metrics["global_step"])
         attempt = _last_attempt(record)
-        output = _log_lines(folder / LOG_FILE)
+        output = self._read_once(folder / LOG_FILE, _log_lines)
         errors = [line[len(ERROR_PREFIX):] for line in output if line.startswith(ERROR_PREFIX)]
         last_line = output[-1].strip() if output else None
         metrics_mtime = _mtime(folder / "metrics.json")
@@ -331,28 +331,25 @@ class RunManager:
                        resumable=bool(checkpoints) and status in ("stopped", "failed", "interrupted"),
                        method=method, model=model)
 
-    def _log_summary(self, path: Path) -> dict[str, Any]:
-        """The last step, the last planned max_steps and the first time in train_log.jsonl; read again only
-        when the file changed."""
+    def _read_once(self, path: Path, read):
+        """`read(path)`, read again only when the file changed (the page asks for every run every 2 seconds,
+        and an ended run's files do not change)."""
         try:
             info = os.stat(path)
             key = (info.st_ino, info.st_size, info.st_mtime_ns)
         except OSError:
-            key = None
-        cached = self._log_cache.get(path)
-        if key is not None and cached is not None and cached[0] == key:
+            return read(path)
+        cached = self._file_cache.get(path)
+        if cached is not None and cached[0] == key:
             return cached[1]
-        summary: dict[str, Any] = {"step": 0, "max_steps": None, "first_time": None}
-        for entry in _read_log(path):
-            if _is_int(entry.get("step")):
-                summary["step"] = entry["step"]
-            if _is_int(entry.get("max_steps")) and entry["max_steps"] > 0:
-                summary["max_steps"] = entry["max_steps"]
-            if summary["first_time"] is None and _is_number(entry.get("time")):
-                summary["first_time"] = float(entry["time"])
-        if key is not None:
-            self._log_cache[path] = (key, summary)
-        return summary
+        value = read(path)
+        self._file_cache[path] = (key, value)
+        return value
+
+    def _log_summary(self, path: Path) -> dict[str, Any]:
+        """The last step, the last planned max_steps and the first time in train_log.jsonl."""
+        return self._read_once(path, _summarize_log)
+
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -453,6 +450,18 @@ def _read_tail(path: Path, limit: int) -> tuple[bytes, bool]:
 def _screen_lines(text: str) -> list[str]:
     """Lines as a terminal shows them: a progress bar redraws its line after '\\r', only the last drawing stays."""
     return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+
+
+def _summarize_log(path: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = {"step": 0, "max_steps": None, "first_time": None}
+    for entry in _read_log(path):
+        if _is_int(entry.get("step")):
+            summary["step"] = entry["step"]
+        if _is_int(entry.get("max_steps")) and entry["max_steps"] > 0:
+            summary["max_steps"] = entry["max_steps"]
+        if summary["first_time"] is None and _is_number(entry.get("time")):
+            summary["first_time"] = float(entry["time"])
+    return summary
 
 
 def _log_lines(path: Path) -> list[str]:
