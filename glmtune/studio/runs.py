@@ -82,7 +82,7 @@ class RunManager:
         self.runs_dir = Path(runs_dir).absolute()
         self._children: dict[int, subprocess.Popen] = {}  # only to reap them: status never depends on these
         self._guard = threading.Lock()  # one start or resume at a time (the page may call from several threads)
-        self._file_cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}  # see _read_once
+        self._file_cache: dict[tuple[Path, Any], tuple[tuple[int, int, int], Any]] = {}  # see _read_once
 
     # -- actions -------------------------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class RunManager:
     def curves(self, name: str) -> list[dict[str, Any]]:
         """The train_log.jsonl entries with a loss or eval loss: {"step", "loss"?, "eval_loss"?}, as floats."""
         points = []
-        for entry in _read_log(self._run_folder(name) / "train_log.jsonl"):
+        for entry in self._read_once(self._run_folder(name) / "train_log.jsonl", _read_log):
             step = entry.get("step")
             if not _is_int(step):
                 continue
@@ -339,11 +339,11 @@ class RunManager:
             key = (info.st_ino, info.st_size, info.st_mtime_ns)
         except OSError:
             return read(path)
-        cached = self._file_cache.get(path)
+        cached = self._file_cache.get((path, read))
         if cached is not None and cached[0] == key:
             return cached[1]
         value = read(path)
-        self._file_cache[path] = (key, value)
+        self._file_cache[(path, read)] = (key, value)
         return value
 
     def _log_summary(self, path: Path) -> dict[str, Any]:
