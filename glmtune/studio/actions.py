@@ -56,7 +56,6 @@ class Studio:
         self.runs = RunManager(self.runs_dir)
         self.fields = form.option_fields()
         self.engine = None  # the ChatEngine serving "base" and "tuned" for the Results tab
-        self.engine_run: str | None = None
         self._engine_lock = threading.Lock()
 
     # -- options -----------------------------------------------------------------------------------------
@@ -236,7 +235,7 @@ class Studio:
         with self._engine_lock:
             self.close_chat()
             models = load_served_models(None, [("tuned", str(info.adapter))])
-            self.engine, self.engine_run = ChatEngine(models=models, max_batch=4), name
+            self.engine = ChatEngine(models=models, max_batch=4)
         return text("chat_loaded", lang, model=html.escape(str(self._resolved(info).get("model"))),
                     run=html.escape(name))
 
@@ -284,7 +283,7 @@ class Studio:
     def close_chat(self) -> None:
         if self.engine is not None:
             self.engine.close()
-            self.engine, self.engine_run = None, None
+            self.engine = None
 
     # -- helpers -----------------------------------------------------------------------------------------
 
